@@ -1,8 +1,443 @@
-"""Patch-level generation for MiMo-Audio."""
+"""Patch-level generation for MiMo-Audio.
 
-from transformers.generation import GenerationMixin
+Each generation step adds one LLM position to every sample of the batch:
+
+1. the LLM predicts the text token of the new position (the usual logits processors, warpers and stopping criteria of
+   Transformers apply to this text channel);
+2. if that token is `<|empty|>`, the patch decoder generates the position's audio patch of `group_size` frames x
+   `audio_channels` codebooks, one decoder step per slot of the delay pattern (`group_size + max(delay_pattern)`
+   steps, each codebook's empty id banned); any other text token gets an all-empty patch.
+
+Every sample decides text or audio for itself, so a batch gives the same result as its samples one by one.
+"""
+
+from dataclasses import dataclass
+from queue import Queue
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import StaticCache
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, GenerationMixin, GenerationMode
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+
+# Sampling controls of the audio channel and their defaults. `audio_do_sample=None` follows the text's `do_sample`.
+AUDIO_GENERATION_DEFAULTS = {
+    "audio_do_sample": None,
+    "audio_temperature": 1.0,
+    "audio_top_k": None,
+    "audio_top_p": 1.0,
+}
+
+
+@dataclass
+class MiMoAudioGenerateOutput(GenerateDecoderOnlyOutput):
+    """
+    Output of [`MiMoAudioForConditionalGeneration.generate`]. The prompt is included in both sequences.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch_size, total_length)`):
+            Text channel: one token per LLM position (`<|empty|>` at audio positions, `pad_token_id` after a sample
+            finished).
+        audio_sequences (`torch.LongTensor` of shape `(batch_size, total_length, group_size, audio_channels)`):
+            Audio channel, aligned with `sequences`; positions without audio hold each codebook's empty id.
+        scores (`tuple(torch.FloatTensor)`, *optional*, returned when `return_dict_in_generate=True` and `output_scores=True`):
+            Processed text scores at each step, each `(batch_size, vocab_size)`.
+        logits (`tuple(torch.FloatTensor)`, *optional*, returned when `return_dict_in_generate=True` and `output_logits=True`):
+            Raw text logits at each step, each `(batch_size, vocab_size)`.
+        audio_scores (`tuple(tuple(torch.FloatTensor))`, *optional*, returned with `scores`):
+            For each step, one tensor per codebook `c` of shape `(batch_size, group_size, audio_vocab_sizes[c])` with the
+            processed scores each frame was sampled from. Rows of samples that got no audio patch at that step are NaN.
+        audio_logits (`tuple(tuple(torch.FloatTensor))`, *optional*, returned with `logits`):
+            Same layout as `audio_scores`, with the raw patch decoder logits.
+        cache (`Cache`, *optional*, returned when `return_dict_in_generate=True`):
+            The LLM cache.
+    """
+
+    audio_sequences: torch.LongTensor | None = None
+    audio_scores: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
+    audio_logits: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
+
+
+class MiMoAudioStreamer(BaseStreamer):
+    """
+    Receives every new LLM position while [`MiMoAudioForConditionalGeneration.generate`] runs, and hands it out as an
+    iterator (run `generate` in a thread and iterate in the caller, as with Transformers' `TextIteratorStreamer`).
+
+    `generate` calls `put(value, audio_value)`: first once with the prompt (`value` = `input_ids` `(batch_size,
+    prompt_length)`, `audio_value=None`), then once per step with the new text tokens `(batch_size,)` and the new audio
+    patches `(batch_size, group_size, audio_channels)`; then `end()`. A plain Transformers streamer (for example
+    `TextStreamer`) passed to `generate` receives only the text tokens, through `put(value)`.
+
+    Subclasses can override `on_step(text_ids, audio_ids)` to act on each step directly instead of queueing it.
+
+    Args:
+        skip_prompt (`bool`, *optional*, defaults to `True`):
+            Whether to drop the prompt instead of yielding it as a first `(input_ids, None)` item.
+        timeout (`float`, *optional*):
+            Seconds the iterator waits for the next item before raising `queue.Empty`; `None` waits forever.
+    """
+
+    def __init__(self, skip_prompt: bool = True, timeout: float | None = None):
+        self.skip_prompt = skip_prompt
+        self.timeout = timeout
+        self.queue = Queue()
+        self._stop_signal = object()
+        self._next_is_prompt = True
+
+    def put(self, value: torch.Tensor, audio_value: torch.Tensor | None = None):
+        if self._next_is_prompt:
+            self._next_is_prompt = False
+            if self.skip_prompt:
+                return
+        self.on_step(value, audio_value)
+
+    def on_step(self, text_ids: torch.Tensor, audio_ids: torch.Tensor | None):
+        """Called for the prompt (unless skipped) and for every generated position."""
+        self.queue.put((text_ids, audio_ids), timeout=self.timeout)
+
+    def end(self):
+        self._next_is_prompt = True
+        self.queue.put(self._stop_signal, timeout=self.timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        item = self.queue.get(timeout=self.timeout)
+        if item is self._stop_signal:
+            raise StopIteration()
+        return item
+
+
+def _check_audio_generation_config(generation_config: GenerationConfig):
+    temperature = generation_config.audio_temperature
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"`audio_temperature` must be a positive number, got {temperature!r}.")
+    top_k = generation_config.audio_top_k
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"`audio_top_k` must be None or a non-negative integer, got {top_k!r}.")
+    top_p = generation_config.audio_top_p
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"`audio_top_p` must be in (0, 1], got {top_p!r}.")
+    if not isinstance(generation_config.audio_do_sample, bool):
+        raise ValueError(f"`audio_do_sample` must be a bool, got {generation_config.audio_do_sample!r}.")
 
 
 class MiMoAudioGenerationMixin(GenerationMixin):
-    """Generation for `MiMoAudioForConditionalGeneration`: one LLM position per step, plus a 4×C audio patch
-    from the patch decoder whenever the text head chooses `<|empty|>`."""
+    """Generation for `MiMoAudioForConditionalGeneration`: one LLM position per step, plus a `group_size` x
+    `audio_channels` audio patch from the patch decoder whenever the text head chooses `<|empty|>`."""
+
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        audio_input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer: BaseStreamer | None = None,
+        **kwargs,
+    ) -> MiMoAudioGenerateOutput:
+        r"""
+        Generates text and audio, one LLM position per step (see the module docstring).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
+                Text channel of the prompt, left-padded for batches; audio positions hold `<|empty|>`.
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length, group_size, audio_channels)`, *optional*):
+                Audio channel of the prompt. Defaults to all empty ids (a text-only prompt).
+            attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
+                0 at left padding.
+            generation_config (`GenerationConfig`, *optional*):
+                Besides the usual text controls (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`,
+                `min_new_tokens`, `eos_token_id` = the stop ids, ...; lengths count LLM positions), it reads the audio
+                controls `audio_do_sample` (default: `do_sample`), `audio_temperature` (1.0), `audio_top_k` (None)
+                and `audio_top_p` (1.0). Any of them can also be passed as keyword arguments.
+            streamer (`BaseStreamer`, *optional*):
+                A [`MiMoAudioStreamer`] receives each step's text tokens and audio patches; any other streamer
+                receives the text tokens.
+            kwargs:
+                Generation controls, `logits_processor` / `stopping_criteria` for the text channel, and model kwargs.
+
+        Returns:
+            [`MiMoAudioGenerateOutput`] with `sequences` `(batch_size, total_length)` and `audio_sequences`
+            `(batch_size, total_length, group_size, audio_channels)`, prompt included. Scores, logits and the cache
+            are filled in when `return_dict_in_generate=True` (and `output_scores` / `output_logits`).
+        """
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise ValueError("`generate` needs `input_ids` of shape (batch_size, prompt_length).")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("`generate` takes `input_ids` and `audio_input_ids`, not `inputs_embeds`.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch_size, prompt_length), got {tuple(input_ids.shape)}.")
+        config = self.config
+        patch_shape = (config.group_size, config.audio_channels)
+        if audio_input_ids is None:
+            empty_ids = torch.tensor(config.audio_empty_ids, dtype=torch.long, device=input_ids.device)
+            audio_input_ids = empty_ids.expand(*input_ids.shape, *patch_shape)
+        elif audio_input_ids.shape != (*input_ids.shape, *patch_shape):
+            raise ValueError(
+                f"`audio_input_ids` must have shape (batch_size, prompt_length, group_size, audio_channels) = "
+                f"{(*input_ids.shape, *patch_shape)}, got {tuple(audio_input_ids.shape)}."
+            )
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return super().generate(
+            input_ids.long(),
+            generation_config=generation_config,
+            streamer=streamer,
+            audio_input_ids=audio_input_ids.long().contiguous(),
+            **kwargs,
+        )
+
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None, **kwargs: Any
+    ) -> tuple[GenerationConfig, dict]:
+        audio_kwargs = {key: kwargs.pop(key) for key in AUDIO_GENERATION_DEFAULTS if key in kwargs}
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for key, default in AUDIO_GENERATION_DEFAULTS.items():
+            if key in audio_kwargs:
+                setattr(generation_config, key, audio_kwargs[key])
+            elif getattr(generation_config, key, None) is None:
+                setattr(generation_config, key, default)
+        if generation_config.audio_do_sample is None:
+            generation_config.audio_do_sample = bool(generation_config.do_sample)
+        _check_audio_generation_config(generation_config)
+
+        original_get_generation_mode = generation_config.get_generation_mode
+
+        def get_generation_mode(assistant_model=None):
+            generation_mode = original_get_generation_mode(assistant_model)
+            if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+                raise ValueError(
+                    f"MiMo-Audio generates with greedy search or sampling only, got {generation_mode}: set "
+                    "`num_beams=1` and no assistant model."
+                )
+            return generation_mode
+
+        generation_config.get_generation_mode = get_generation_mode
+        return generation_config, model_kwargs
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, audio_input_ids=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
+        if audio_input_ids is not None:
+            length = model_inputs["input_ids"].shape[1]
+            model_inputs["audio_input_ids"] = audio_input_ids[:, -length:].to(model_inputs["input_ids"].device)
+        return model_inputs
+
+    def _audio_warpers(self, generation_config: GenerationConfig) -> LogitsProcessorList:
+        """Warpers applied to each codebook's scores (after its empty id is banned) when `audio_do_sample`."""
+        warpers = LogitsProcessorList()
+        if not generation_config.audio_do_sample:
+            return warpers
+        if generation_config.audio_temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(generation_config.audio_temperature))
+        if generation_config.audio_top_k:
+            warpers.append(TopKLogitsWarper(generation_config.audio_top_k))
+        if generation_config.audio_top_p < 1.0:
+            warpers.append(TopPLogitsWarper(generation_config.audio_top_p))
+        return warpers
+
+    def _prepare_patch_cache(self, batch_size: int) -> StaticCache:
+        """One preallocated cache for the patch decoder, reset before every patch."""
+        config = self.config
+        return StaticCache(
+            config=self.patch_decoder.config,
+            max_cache_len=config.group_size + max(config.delay_pattern),
+        )
+
+    @torch.no_grad()
+    def _generate_audio_patch(
+        self,
+        backbone_hidden_state: torch.Tensor,
+        patch_cache: StaticCache,
+        generation_config: GenerationConfig,
+        audio_warpers: LogitsProcessorList,
+        keep_scores: bool,
+    ) -> tuple[torch.LongTensor, list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """
+        Runs the patch decoder for one LLM position of every sample.
+
+        Args:
+            backbone_hidden_state (`torch.Tensor` of shape `(batch_size, hidden_size)`): the LLM's last hidden state.
+
+        Returns:
+            codes `(batch_size, group_size, audio_channels)` and, if `keep_scores`, per codebook the raw logits and the
+            processed scores `(batch_size, group_size, audio_vocab_sizes[c])` (else `None`).
+        """
+        config = self.config
+        group_size, delays, empty_ids = config.group_size, config.delay_pattern, config.audio_empty_ids
+        batch_size = backbone_hidden_state.shape[0]
+        codes = torch.empty(
+            batch_size, group_size, config.audio_channels, dtype=torch.long, device=backbone_hidden_state.device
+        )
+        raw = [[None] * group_size for _ in delays] if keep_scores else None
+        processed = [[None] * group_size for _ in delays] if keep_scores else None
+
+        patch_cache.reset()
+        inputs_embeds = self.patch_decoder.input_proj(backbone_hidden_state[:, None])
+        num_steps = group_size + max(delays)
+        for step in range(num_steps):
+            hidden = self.patch_decoder(inputs_embeds=inputs_embeds, cache=patch_cache)[:, -1]
+            next_embeds = None
+            for channel, delay in enumerate(delays):
+                frame = step - delay
+                if not 0 <= frame < group_size:
+                    continue
+                logits = self.patch_decoder.heads[channel](hidden).float()
+                scores = logits.clone()
+                scores[:, empty_ids[channel]] = float("-inf")
+                scores = audio_warpers(codes, scores)
+                if generation_config.audio_do_sample:
+                    tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    tokens = torch.argmax(scores, dim=-1)
+                codes[:, frame, channel] = tokens
+                if keep_scores:
+                    raw[channel][frame] = logits
+                    processed[channel][frame] = scores
+                if step < num_steps - 1:
+                    embeds = self.model.audio_embeddings[channel](tokens[:, None])
+                    next_embeds = embeds if next_embeds is None else next_embeds + embeds
+            if step < num_steps - 1:
+                if next_embeds is None:
+                    inputs_embeds = torch.zeros_like(inputs_embeds)
+                else:
+                    if self.patch_decoder.embeddings_proj is not None:
+                        next_embeds = self.patch_decoder.embeddings_proj(next_embeds)
+                    inputs_embeds = next_embeds.to(inputs_embeds.dtype)
+        if not keep_scores:
+            return codes, None, None
+        stack = lambda rows: [torch.stack(per_frame, dim=1) for per_frame in rows]  # noqa: E731
+        return codes, stack(raw), stack(processed)
+
+    def _sample(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        synced_gpus: bool = False,
+        streamer: BaseStreamer | None = None,
+        **model_kwargs,
+    ) -> MiMoAudioGenerateOutput:
+        config = self.config
+        pad_token_id = generation_config._pad_token_tensor
+        return_dict_in_generate = generation_config.return_dict_in_generate
+        output_scores = return_dict_in_generate and generation_config.output_scores
+        output_logits = return_dict_in_generate and generation_config.output_logits
+        has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        if has_eos_stopping_criteria and pad_token_id is None:
+            raise ValueError("Stopping on `eos_token_id` needs a `pad_token_id` for the finished samples.")
+        if pad_token_id is not None:
+            pad_token_id = pad_token_id.to(input_ids.device)
+        mimo_streamer = isinstance(streamer, MiMoAudioStreamer)
+
+        scores = () if output_scores else None
+        raw_logits = () if output_logits else None
+        audio_scores = () if output_scores else None
+        audio_logits = () if output_logits else None
+
+        batch_size = input_ids.shape[0]
+        device = input_ids.device
+        unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=device)
+        this_peer_finished = False
+        empty_patch = torch.tensor(config.audio_empty_ids, dtype=torch.long, device=device).expand(
+            batch_size, config.group_size, config.audio_channels
+        )
+        audio_warpers = self._audio_warpers(generation_config)
+        patch_cache = self._prepare_patch_cache(batch_size)
+
+        outputs = self._prefill(input_ids, generation_config, model_kwargs)
+        prefill_consumed = False
+        while self._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
+            if prefill_consumed:
+                model_inputs = self.prepare_inputs_for_generation(
+                    input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs
+                )
+                outputs = self(**model_inputs, return_dict=True)
+            prefill_consumed = True
+            model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+            if synced_gpus and this_peer_finished:
+                continue
+
+            # 1. text channel
+            next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+            next_token_scores = logits_processor(input_ids, next_token_logits)
+            if generation_config.do_sample:
+                probs = nn.functional.softmax(next_token_scores, dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(next_token_scores, dim=-1)
+            if has_eos_stopping_criteria:
+                next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
+
+            # 2. audio channel: a patch wherever the text token is <|empty|>
+            is_audio = next_tokens == config.empty_token_id
+            step_audio_logits = step_audio_scores = None
+            if is_audio.any():
+                patch, step_audio_logits, step_audio_scores = self._generate_audio_patch(
+                    outputs.last_hidden_state[:, -1].to(device),
+                    patch_cache,
+                    generation_config,
+                    audio_warpers,
+                    keep_scores=output_scores or output_logits,
+                )
+                next_patch = torch.where(is_audio[:, None, None], patch, empty_patch)
+            else:
+                next_patch = empty_patch
+
+            if output_scores:
+                scores += (next_token_scores,)
+                audio_scores += (self._mask_audio_rows(step_audio_scores, is_audio, batch_size),)
+            if output_logits:
+                raw_logits += (next_token_logits,)
+                audio_logits += (self._mask_audio_rows(step_audio_logits, is_audio, batch_size),)
+
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            model_kwargs["audio_input_ids"] = torch.cat([model_kwargs["audio_input_ids"], next_patch[:, None]], dim=1)
+            if streamer is not None:
+                if mimo_streamer:
+                    streamer.put(next_tokens.cpu(), next_patch.cpu())
+                else:
+                    streamer.put(next_tokens.cpu())
+
+            unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores)
+            this_peer_finished = unfinished_sequences.max() == 0
+            del outputs
+
+        if streamer is not None:
+            streamer.end()
+
+        return MiMoAudioGenerateOutput(
+            sequences=input_ids,
+            audio_sequences=model_kwargs["audio_input_ids"],
+            scores=scores,
+            logits=raw_logits,
+            audio_scores=audio_scores,
+            audio_logits=audio_logits,
+            cache=model_kwargs.get("cache") if return_dict_in_generate else None,
+        )
+
+    def _mask_audio_rows(
+        self, per_channel: list[torch.Tensor] | None, is_audio: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-codebook `(batch_size, group_size, vocab)` tensors with NaN rows where no patch was generated."""
+        config = self.config
+        if per_channel is None:
+            return tuple(
+                torch.full((batch_size, config.group_size, vocab), float("nan"), device=is_audio.device)
+                for vocab in config.audio_vocab_sizes
+            )
+        return tuple(values.masked_fill(~is_audio[:, None, None], float("nan")) for values in per_channel)
