@@ -25,3 +25,39 @@ from .modeling_mimo_audio_tokenizer import (
 AutoConfig.register("mimo_audio_tokenizer", MiMoAudioTokenizerConfig, exist_ok=True)
 AutoModel.register(MiMoAudioTokenizerConfig, MiMoAudioTokenizerModel, exist_ok=True)
 AutoModelForAudioTokenization.register(MiMoAudioTokenizerConfig, MiMoAudioTokenizerModel, exist_ok=True)
+
+# --- language model: patch encoder + Qwen2 backbone + patch decoder ---
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMultimodalLM,
+    AutoModelForTextToWaveform,
+    AutoTokenizer,
+    Qwen2Tokenizer,
+)
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+
+from .configuration_mimo_audio import MiMoAudioConfig, MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
+from .modeling_mimo_audio import (
+    ORIGINAL_CHECKPOINT_KEY_MAPPING,
+    MiMoAudioForConditionalGeneration,
+    MiMoAudioModel,
+    MiMoAudioOutputWithPast,
+    MiMoAudioPreTrainedModel,
+)
+
+
+AutoConfig.register("mimo_audio", MiMoAudioConfig, exist_ok=True)
+AutoConfig.register("mimo_audio_patch_encoder", MiMoAudioPatchEncoderConfig, exist_ok=True)
+AutoConfig.register("mimo_audio_patch_decoder", MiMoAudioPatchDecoderConfig, exist_ok=True)
+AutoModel.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
+AutoModelForTextToWaveform.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
+AutoModelForMultimodalLM.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
+AutoTokenizer.register(MiMoAudioConfig, tokenizer_class=Qwen2Tokenizer, exist_ok=True)
+# Original MiMo-Audio checkpoints (flat `model.*`, `speech_embeddings.*`, `local_transformer.*`, ...) load directly.
+register_checkpoint_conversion_mapping(
+    "MiMoAudioForConditionalGeneration",
+    [WeightRenaming(source_patterns=source, target_patterns=target) for source, target in ORIGINAL_CHECKPOINT_KEY_MAPPING.items()],
+    overwrite=True,
+)

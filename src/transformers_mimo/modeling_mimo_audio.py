@@ -1,0 +1,684 @@
+"""MiMo-Audio speech-text language model: patch encoder, Qwen2 backbone, patch decoder."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_mimo_audio import MiMoAudioConfig
+from .generation_mimo_audio import MiMoAudioGenerationMixin
+
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MiMoAudioOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        The training loss: `(text_loss_weight * text_loss + sum_c audio_loss_weights[c] * audio_loss[c])` divided by
+        the sum of the weights, or `text_loss` alone when no position has an audio target.
+    text_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Next-position cross-entropy of the text channel, `<|empty|>` targets weighted by `empty_token_loss_weight`.
+    audio_loss (`torch.FloatTensor` of shape `(audio_channels,)`, *optional*):
+        Per codebook, the teacher-forced patch decoder cross-entropy summed and divided by `patches * group_size`.
+        `None` when no position has an audio target.
+    logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`):
+        Text logits for the kept positions (see `logits_to_keep`).
+    audio_logits (`tuple(torch.FloatTensor)`, *optional*):
+        One tensor per codebook `c` of shape `(num_patches, group_size, audio_vocab_sizes[c])`: teacher-forced patch
+        decoder logits for the patches that carry an audio target, in row-major (batch, position) order.
+    cache (`Cache`, *optional*):
+        The backbone's key/value cache.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Backbone hidden states (embedding output and each layer), when `output_hidden_states=True`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Backbone attention weights, when `output_attentions=True`.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, kept_positions, hidden_size)`):
+        The backbone's output after its final norm, for the kept positions. Feed it to
+        [`MiMoAudioForConditionalGeneration.get_patch_decoder_inputs`] to start a patch.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    audio_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    audio_logits: tuple[torch.FloatTensor, ...] | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class MiMoAudioPreTrainedModel(PreTrainedModel):
+    config: MiMoAudioConfig
+    base_model_prefix = "model"
+    input_modalities = ("audio", "text")
+    output_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _set_patch_attn_implementation(self):
+        """The patch transformers are plain modules: give their configs the model's attention implementation."""
+        for sub_config in (self.config.patch_encoder_config, self.config.patch_decoder_config):
+            if sub_config._attn_implementation is None:
+                sub_config._attn_implementation_internal = self.config._attn_implementation
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Saves in this package's layout (`model.language_model.*`, `patch_decoder.*`, ...), not the original's."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        Loads a checkpoint in this package's layout or in the original MiMo-Audio layout (flat Qwen2 config and
+        `speech_embeddings.*`, `local_transformer.*`, ... keys, translated on load). Unlike the Transformers default,
+        missing or unexpected weights raise a `ValueError`.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        problems = {
+            kind: sorted(loading_info.get(kind) or [])
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if loading_info.get(kind)
+        }
+        if problems:
+            raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}")
+        return (model, loading_info) if output_loading_info else model
+
+
+class MiMoAudioPatchEncoder(nn.Module):
+    """
+    Turns the `group_size` frame embeddings of each audio patch into one backbone input vector: Qwen2 decoder layers
+    inside each patch (bidirectional when `config.input_full_attention`, else causal), a final norm, then `proj` over
+    the concatenated frames.
+    """
+
+    def __init__(self, config: MiMoAudioConfig):
+        super().__init__()
+        encoder_config = config.patch_encoder_config
+        self.config = encoder_config
+        self.layers = nn.ModuleList(
+            [Qwen2DecoderLayer(encoder_config, layer_idx) for layer_idx in range(encoder_config.num_hidden_layers)]
+        )
+        self.norm = Qwen2RMSNorm(encoder_config.hidden_size, eps=encoder_config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=encoder_config)
+        self.proj = nn.Linear(
+            encoder_config.hidden_size * config.group_size, config.text_config.hidden_size, bias=False
+        )
+
+    def forward(
+        self, patch_embeds: torch.Tensor, is_causal: bool, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        """
+        Args:
+            patch_embeds (`torch.Tensor` of shape `(num_patches, group_size, patch_encoder_hidden_size)`):
+                Summed codebook embeddings of each frame.
+            is_causal (`bool`):
+                Causal attention inside a patch instead of bidirectional.
+
+        Returns:
+            `torch.Tensor` of shape `(num_patches, hidden_size)`: one backbone input per patch.
+        """
+        num_patches, group_size, _ = patch_embeds.shape
+        position_ids = torch.arange(group_size, device=patch_embeds.device).unsqueeze(0)
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": patch_embeds,
+            "attention_mask": None,
+            "cache": None,
+            "position_ids": position_ids,
+        }
+        attention_mask = create_causal_mask(**mask_kwargs) if is_causal else create_bidirectional_mask(**mask_kwargs)
+        position_embeddings = self.rotary_emb(patch_embeds, position_ids)
+        hidden_states = patch_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                is_causal=is_causal,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return self.proj(hidden_states.reshape(num_patches, -1))
+
+
+class MiMoAudioPatchDecoder(nn.Module):
+    """
+    Causal Qwen2 decoder layers that produce one audio patch, position by position, with one output head per codebook.
+    Position 0 is `input_proj(backbone hidden state)`; the following positions are summed codebook embeddings (through
+    `embeddings_proj` when the embedding width differs from the decoder width), laid out with the delay pattern.
+    """
+
+    def __init__(self, config: MiMoAudioConfig):
+        super().__init__()
+        decoder_config = config.patch_decoder_config
+        embedding_dim = config.patch_encoder_config.hidden_size
+        self.config = decoder_config
+        self.input_proj = nn.Linear(config.text_config.hidden_size, decoder_config.hidden_size, bias=False)
+        self.embeddings_proj = (
+            nn.Linear(embedding_dim, decoder_config.hidden_size, bias=False)
+            if embedding_dim != decoder_config.hidden_size
+            else None
+        )
+        self.layers = nn.ModuleList(
+            [Qwen2DecoderLayer(decoder_config, layer_idx) for layer_idx in range(decoder_config.num_hidden_layers)]
+        )
+        self.norm = Qwen2RMSNorm(decoder_config.hidden_size, eps=decoder_config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=decoder_config)
+        self.heads = nn.ModuleList(
+            [nn.Linear(decoder_config.hidden_size, size, bias=False) for size in config.audio_vocab_sizes]
+        )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        Runs the decoder layers causally over `inputs_embeds`, continuing from `cache` when given.
+
+        Args:
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, steps, patch_decoder_hidden_size)`):
+                Decoder inputs: `input_proj` of a backbone hidden state first, then code embeddings.
+            cache (`Cache`, *optional*):
+                Key/value cache of the earlier steps of this patch (`DynamicCache(config=config.patch_decoder_config)`
+                or a `StaticCache` reset before each patch). Updated in place.
+            position_ids (`torch.LongTensor` of shape `(batch_size, steps)`, *optional*):
+                Defaults to the steps after the cached ones.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, steps, patch_decoder_hidden_size)`: outputs after the final norm;
+            `heads[c]` gives codebook `c`'s logits.
+        """
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+        attention_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=None,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        return self.norm(hidden_states)
+
+
+class MiMoAudioModel(MiMoAudioPreTrainedModel):
+    """
+    The Qwen2 backbone (`language_model`) with MiMo-Audio's input side: per-codebook `audio_embeddings` (shared with the
+    patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
+    """
+
+    def __init__(self, config: MiMoAudioConfig):
+        super().__init__(config)
+        self._set_patch_attn_implementation()
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.audio_embeddings = nn.ModuleList(
+            [
+                nn.Embedding(size, config.patch_encoder_config.hidden_size, padding_idx=empty_id)
+                for size, empty_id in zip(config.audio_vocab_sizes, config.audio_empty_ids)
+            ]
+        )
+        self.patch_encoder = MiMoAudioPatchEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def _check_codes(self, audio_codes: torch.Tensor, name: str):
+        """Raises a ValueError when a code lies outside its codebook. `audio_codes`: `(..., audio_channels)`."""
+        sizes = torch.tensor(self.config.audio_vocab_sizes, device=audio_codes.device)
+        if audio_codes.numel() and ((audio_codes < 0) | (audio_codes >= sizes)).any():
+            raise ValueError(
+                f"`{name}` holds codes outside the codebooks (sizes {self.config.audio_vocab_sizes}) at audio positions."
+            )
+
+    def embed_audio_frames(self, audio_codes: torch.Tensor) -> torch.Tensor:
+        """
+        Sums the codebook embeddings of each frame for the patch encoder; a codebook's empty id contributes zero.
+
+        Args:
+            audio_codes (`torch.LongTensor` of shape `(..., audio_channels)`): codes of each frame.
+
+        Returns:
+            `torch.Tensor` of shape `(..., patch_encoder_hidden_size)`, in the embeddings' dtype.
+        """
+        embeds = None
+        for channel, (table, empty_id) in enumerate(zip(self.audio_embeddings, self.config.audio_empty_ids)):
+            codes = audio_codes[..., channel]
+            channel_embeds = table(codes).masked_fill((codes == empty_id).unsqueeze(-1), 0.0)
+            embeds = channel_embeds if embeds is None else embeds + channel_embeds
+        return embeds
+
+    def get_inputs_embeds(
+        self, input_ids: torch.LongTensor, audio_input_ids: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """
+        Builds the backbone inputs: the text embedding (zero at `<|empty|>` positions) plus, at `<|empty|>` positions,
+        the patch encoder output of that position's audio patch.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): text channel.
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+                audio codes aligned with `input_ids`; only read at `<|empty|>` positions. Needed when `input_ids`
+                contains `<|empty|>`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        is_audio = input_ids == self.config.empty_token_id
+        text_embeds = self.get_input_embeddings()(input_ids).masked_fill(is_audio.unsqueeze(-1), 0.0)
+        if audio_input_ids is None:
+            if is_audio.any():
+                raise ValueError(
+                    f"`input_ids` has audio positions (`<|empty|>`, id {self.config.empty_token_id}) but "
+                    "`audio_input_ids` is None."
+                )
+            return text_embeds
+        expected = (*input_ids.shape, self.config.group_size, self.config.audio_channels)
+        if tuple(audio_input_ids.shape) != expected:
+            raise ValueError(
+                f"`audio_input_ids` must have shape (batch_size, seq_len, group_size, audio_channels) = {expected}, "
+                f"got {tuple(audio_input_ids.shape)}."
+            )
+        patch_codes = audio_input_ids[is_audio]  # (num_patches, group_size, audio_channels)
+        self._check_codes(patch_codes, "audio_input_ids")
+        if patch_codes.shape[0] == 0:
+            return text_embeds
+        patch_embeds = self.patch_encoder(
+            self.embed_audio_frames(patch_codes), is_causal=not self.config.input_full_attention
+        )
+        audio_embeds = torch.zeros_like(text_embeds)
+        audio_embeds[is_audio] = patch_embeds.to(audio_embeds.dtype)
+        return text_embeds + audio_embeds
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        audio_input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Text channel, one id per backbone position; audio positions hold `<|empty|>`.
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+                Audio codes aligned with `input_ids` (each codebook's empty id where there is no audio).
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_len + seq_len)`, *optional*):
+                1 for real positions, 0 for padding.
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Defaults to the count of real positions before each one (`attention_mask.cumsum(-1) - 1`), so left
+                padding does not shift positions, or to `arange` after the cached length without a mask.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*):
+                Precomputed backbone inputs (see `get_inputs_embeds`), instead of `input_ids`/`audio_input_ids`.
+
+        Returns:
+            [`BaseModelOutputWithPast`]: `last_hidden_state` `(batch_size, seq_len, hidden_size)` after the final norm.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_inputs_embeds(input_ids, audio_input_ids)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGenerationMixin):
+    """
+    MiMo-Audio: the backbone ([`MiMoAudioModel`]) with the text head `lm_head` and the `patch_decoder` that writes
+    one `group_size x audio_channels` audio patch whenever the text channel is `<|empty|>`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: MiMoAudioConfig):
+        super().__init__(config)
+        self._set_patch_attn_implementation()
+        self.model = MiMoAudioModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.patch_decoder = MiMoAudioPatchDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    # ----- patch decoder building blocks (shared by the loss and by generation) -----
+
+    def get_patch_decoder_inputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """
+        First patch decoder input of a patch: `patch_decoder.input_proj` of the backbone hidden state (after its final
+        norm) at the position before the patch.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(..., hidden_size)`).
+
+        Returns:
+            `torch.Tensor` of shape `(..., patch_decoder_hidden_size)`.
+        """
+        return self.patch_decoder.input_proj(hidden_states)
+
+    def embed_patch_decoder_codes(
+        self, audio_codes: torch.LongTensor, codebook_mask: torch.BoolTensor | None = None
+    ) -> torch.Tensor:
+        """
+        Patch decoder input for a set of codes: the sum over the active codebooks of the shared `audio_embeddings`,
+        through `patch_decoder.embeddings_proj` when the widths differ; zeros where no codebook is active. Empty ids are
+        embedded like any other code (the decoder never emits them).
+
+        Args:
+            audio_codes (`torch.LongTensor` of shape `(..., audio_channels)`):
+                One code per codebook; entries where `codebook_mask` is False are ignored (any value).
+            codebook_mask (`torch.BoolTensor` broadcastable to `audio_codes`, *optional*):
+                True where a codebook contributes. Defaults to all codebooks.
+
+        Returns:
+            `torch.Tensor` of shape `(..., patch_decoder_hidden_size)`.
+        """
+        if audio_codes.shape[-1] != self.config.audio_channels:
+            raise ValueError(
+                f"`audio_codes` must end with audio_channels={self.config.audio_channels}, got {tuple(audio_codes.shape)}."
+            )
+        if codebook_mask is None:
+            codebook_mask = torch.ones_like(audio_codes, dtype=torch.bool)
+        codebook_mask = codebook_mask.expand_as(audio_codes)
+        embeds = None
+        for channel, table in enumerate(self.model.audio_embeddings):
+            active = codebook_mask[..., channel]
+            codes = audio_codes[..., channel].masked_fill(~active, 0)
+            channel_embeds = table(codes) * active.unsqueeze(-1).to(table.weight.dtype)
+            embeds = channel_embeds if embeds is None else embeds + channel_embeds
+        if self.patch_decoder.embeddings_proj is not None:
+            embeds = self.patch_decoder.embeddings_proj(embeds)
+        return embeds
+
+    def get_audio_logits(self, patch_decoder_hidden_states: torch.Tensor, codebook: int) -> torch.Tensor:
+        """
+        Logits of one codebook from patch decoder outputs.
+
+        Args:
+            patch_decoder_hidden_states (`torch.Tensor` of shape `(..., patch_decoder_hidden_size)`):
+                output of `patch_decoder(...)`.
+            codebook (`int`): codebook index `c`.
+
+        Returns:
+            `torch.Tensor` of shape `(..., audio_vocab_sizes[c])`.
+        """
+        return self.patch_decoder.heads[codebook](patch_decoder_hidden_states)
+
+    def delay_audio_codes(self, audio_codes: torch.LongTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """
+        Lays patches out on the patch decoder's steps: codebook `c`'s frame `f` goes to step `delay_pattern[c] + f`.
+
+        Args:
+            audio_codes (`torch.LongTensor` of shape `(num_patches, group_size, audio_channels)`).
+
+        Returns:
+            `(delayed_codes, active)`: `delayed_codes` `(num_patches, steps, audio_channels)` with
+            `steps = group_size + max(delay_pattern)` (0 where inactive), and `active` `(steps, audio_channels)`,
+            True where codebook `c` is produced at that step.
+        """
+        num_patches, group_size, channels = audio_codes.shape
+        steps = self.config.patch_decoder_steps
+        delayed = audio_codes.new_zeros((num_patches, steps, channels))
+        active = torch.zeros((steps, channels), dtype=torch.bool, device=audio_codes.device)
+        for channel, delay in enumerate(self.config.delay_pattern):
+            delayed[:, delay : delay + group_size, channel] = audio_codes[:, :, channel]
+            active[delay : delay + group_size, channel] = True
+        return delayed, active
+
+    def teacher_forced_audio_logits(
+        self, hidden_states: torch.Tensor, audio_codes: torch.LongTensor
+    ) -> tuple[torch.Tensor, ...]:
+        """
+        Runs the patch decoder teacher-forced on whole patches, as in training.
+
+        Input steps: `[get_patch_decoder_inputs(h), e_0, ..., e_{steps-2}]` where `e_t` embeds the delayed codes of
+        step `t` (`embed_patch_decoder_codes`; codes equal to -100 contribute nothing). Codebook `c`'s logits are read
+        at steps `delay_pattern[c] ... delay_pattern[c] + group_size - 1`.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(num_patches, hidden_size)`):
+                Backbone hidden state at the position before each patch.
+            audio_codes (`torch.LongTensor` of shape `(num_patches, group_size, audio_channels)`):
+                The target patches (-100 allowed for ignored entries).
+
+        Returns:
+            Tuple with one tensor per codebook `c` of shape `(num_patches, group_size, audio_vocab_sizes[c])`.
+        """
+        delayed, active = self.delay_audio_codes(audio_codes)
+        codes_mask = active.unsqueeze(0) & (delayed != IGNORE_INDEX)
+        code_embeds = self.embed_patch_decoder_codes(delayed[:, :-1], codes_mask[:, :-1])
+        first = self.get_patch_decoder_inputs(hidden_states).unsqueeze(1)
+        decoder_inputs = torch.cat([first, code_embeds.to(first.dtype)], dim=1)
+        decoder_states = self.patch_decoder(decoder_inputs)
+        group_size = self.config.group_size
+        return tuple(
+            self.get_audio_logits(decoder_states[:, delay : delay + group_size], channel)
+            for channel, delay in enumerate(self.config.delay_pattern)
+        )
+
+    # ----- loss -----
+
+    def _text_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Next-position CE; `<|empty|>` targets weighted by `empty_token_loss_weight`, normalised by the weight sum."""
+        targets = labels[:, 1:].to(logits.device)
+        shift_logits = logits[:, :-1].float()
+        token_loss = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view_as(targets)
+        weights = torch.where(targets == self.config.empty_token_id, self.config.empty_token_loss_weight, 1.0)
+        weights = weights * (targets != IGNORE_INDEX)
+        return (token_loss * weights).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+
+    def _audio_loss(
+        self, hidden_states: torch.Tensor, labels: torch.LongTensor, audio_labels: torch.LongTensor
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """Teacher-forced patch decoder CE for every position whose next text label is `<|empty|>`."""
+        expected = (*labels.shape, self.config.group_size, self.config.audio_channels)
+        if tuple(audio_labels.shape) != expected:
+            raise ValueError(
+                f"`audio_labels` must have shape (batch_size, seq_len, group_size, audio_channels) = {expected}, "
+                f"got {tuple(audio_labels.shape)}."
+            )
+        labels = labels.to(hidden_states.device)
+        next_audio = audio_labels[:, 1:].to(hidden_states.device)
+        has_target = (labels[:, 1:] == self.config.empty_token_id) & (next_audio != IGNORE_INDEX).flatten(2).any(-1)
+        if not has_target.any():
+            return None, None
+        targets = next_audio[has_target]  # (num_patches, group_size, audio_channels)
+        valid = targets != IGNORE_INDEX
+        sizes = torch.tensor(self.config.audio_vocab_sizes, device=targets.device)
+        if ((valid & ((targets < 0) | (targets >= sizes))).any()):
+            raise ValueError(f"`audio_labels` holds codes outside the codebooks (sizes {self.config.audio_vocab_sizes}).")
+        audio_logits = self.teacher_forced_audio_logits(hidden_states[:, :-1][has_target], targets)
+        count = targets.shape[0] * targets.shape[1]
+        losses = torch.stack(
+            [
+                F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    targets[..., channel].reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                / count
+                for channel, logits in enumerate(audio_logits)
+            ]
+        )
+        return losses, audio_logits
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        audio_input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        audio_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MiMoAudioOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Text channel, one id per backbone position; audio positions hold `<|empty|>` (`config.empty_token_id`).
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+                Audio codes aligned with `input_ids`; each codebook's empty id where there is no audio. Optional for
+                text-only input.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_len + seq_len)`, *optional*):
+                1 for real positions, 0 for (left) padding.
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Defaults to positions counted over real tokens (see [`MiMoAudioModel.forward`]).
+            cache (`Cache`, *optional*):
+                Backbone key/value cache.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*):
+                Backbone inputs instead of `input_ids`/`audio_input_ids`.
+            labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Text targets, unshifted (the model shifts them); -100 is ignored.
+            audio_labels (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+                Audio targets, unshifted, -100 ignored. The patch at position `t + 1` is trained from the hidden state
+                at `t` wherever `labels[:, t + 1]` is `<|empty|>`. Requires `labels`.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute text logits (and return `last_hidden_state`) only for these positions (0: all). Must be 0
+                when `labels` is given.
+
+        Returns:
+            [`MiMoAudioOutputWithPast`].
+        """
+        if audio_labels is not None and labels is None:
+            raise ValueError("`audio_labels` needs `labels`: audio targets are selected where the next text label is <|empty|>.")
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("Computing the loss needs the logits of every position: pass `logits_to_keep=0`.")
+        outputs = self.model(
+            input_ids=input_ids,
+            audio_input_ids=audio_input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        kept_hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(kept_hidden_states)
+
+        loss = text_loss = audio_loss = audio_logits = None
+        if labels is not None:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+            text_loss = self._text_loss(logits, labels)
+            loss = text_loss
+            if audio_labels is not None:
+                audio_loss, audio_logits = self._audio_loss(hidden_states, labels, audio_labels)
+            if audio_loss is not None:
+                weights = torch.tensor(self.config.audio_loss_weights, device=audio_loss.device, dtype=audio_loss.dtype)
+                total_weight = self.config.text_loss_weight + sum(self.config.audio_loss_weights)
+                loss = (self.config.text_loss_weight * text_loss + (weights * audio_loss).sum()) / total_weight
+
+        return MiMoAudioOutputWithPast(
+            loss=loss,
+            text_loss=text_loss,
+            audio_loss=audio_loss,
+            logits=logits,
+            audio_logits=audio_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            last_hidden_state=kept_hidden_states,
+        )
+
+
+__all__ = [
+    "MiMoAudioPreTrainedModel",
+    "MiMoAudioModel",
+    "MiMoAudioForConditionalGeneration",
+    "MiMoAudioOutputWithPast",
+]
+
+
+# Original checkpoint key (regex) -> key of `MiMoAudioForConditionalGeneration` (original names on the left).
+ORIGINAL_CHECKPOINT_KEY_MAPPING = {
+    r"^model\.(?!language_model\.|audio_embeddings\.|patch_encoder\.)": "model.language_model.",
+    r"^speech_embeddings\.": "model.audio_embeddings.",
+    r"^input_local_transformer\.": "model.patch_encoder.",
+    r"^speech_group_downcast\.": "model.patch_encoder.proj.",
+    r"^hidden_states_downcast\.": "patch_decoder.input_proj.",
+    r"^speech_embeddings_to_local\.": "patch_decoder.embeddings_proj.",
+    r"^local_transformer_lm_heads\.": "patch_decoder.heads.",
+    r"^local_transformer\.": "patch_decoder.",
+}
