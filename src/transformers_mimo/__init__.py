@@ -61,3 +61,13 @@ register_checkpoint_conversion_mapping(
     [WeightRenaming(source_patterns=source, target_patterns=target) for source, target in ORIGINAL_CHECKPOINT_KEY_MAPPING.items()],
     overwrite=True,
 )
+
+# --- feature extraction (waveform -> log-mel) and audio helpers ---
+from transformers import AutoFeatureExtractor
+
+from .audio_utils import htk_mel_filter_bank, resample_waveform
+from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
+from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+
+
+AutoFeatureExtractor.register(MiMoAudioTokenizerConfig, MiMoAudioFeatureExtractor, exist_ok=True)
