@@ -249,15 +249,10 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             warpers.append(TopPLogitsWarper(generation_config.audio_top_p))
         return warpers
 
-    def _prepare_patch_cache(self, batch_size: int) -> StaticCache:
+    def _prepare_patch_cache(self) -> StaticCache:
         """One preallocated cache for the patch decoder, reset before every patch."""
-        config = self.config
-        return StaticCache(
-            config=self.patch_decoder.config,
-            max_cache_len=config.group_size + max(config.delay_pattern),
-        )
+        return StaticCache(config=self.config.patch_decoder_config, max_cache_len=self.config.patch_decoder_steps)
 
-    @torch.no_grad()
     def _generate_audio_patch(
         self,
         backbone_hidden_state: torch.Tensor,
@@ -267,7 +262,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         keep_scores: bool,
     ) -> tuple[torch.LongTensor, list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """
-        Runs the patch decoder for one LLM position of every sample.
+        Runs the patch decoder for one LLM position of every sample: step `t` produces frame `t - delay_pattern[c]`
+        of each codebook `c` with `0 <= t - delay_pattern[c] < group_size`, and the sum of their embeddings is the
+        input of step `t + 1`.
 
         Args:
             backbone_hidden_state (`torch.Tensor` of shape `(batch_size, hidden_size)`): the LLM's last hidden state.
@@ -277,25 +274,23 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             processed scores `(batch_size, group_size, audio_vocab_sizes[c])` (else `None`).
         """
         config = self.config
-        group_size, delays, empty_ids = config.group_size, config.delay_pattern, config.audio_empty_ids
+        group_size, empty_ids = config.group_size, config.audio_empty_ids
         batch_size = backbone_hidden_state.shape[0]
-        codes = torch.empty(
-            batch_size, group_size, config.audio_channels, dtype=torch.long, device=backbone_hidden_state.device
-        )
-        raw = [[None] * group_size for _ in delays] if keep_scores else None
-        processed = [[None] * group_size for _ in delays] if keep_scores else None
+        device = backbone_hidden_state.device
+        codes = torch.empty(batch_size, group_size, config.audio_channels, dtype=torch.long, device=device)
+        _, active = self.delay_audio_codes(codes[:1])  # (steps, audio_channels)
+        active_channels = [row.nonzero().flatten().tolist() for row in active.cpu()]
+        num_steps = len(active_channels)
+        raw = [[] for _ in empty_ids] if keep_scores else None
+        processed = [[] for _ in empty_ids] if keep_scores else None
 
         patch_cache.reset()
-        inputs_embeds = self.patch_decoder.input_proj(backbone_hidden_state[:, None])
-        num_steps = group_size + max(delays)
-        for step in range(num_steps):
+        inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
+        for step, channels in enumerate(active_channels):
             hidden = self.patch_decoder(inputs_embeds=inputs_embeds, cache=patch_cache)[:, -1]
-            next_embeds = None
-            for channel, delay in enumerate(delays):
-                frame = step - delay
-                if not 0 <= frame < group_size:
-                    continue
-                logits = self.patch_decoder.heads[channel](hidden).float()
+            step_codes = torch.zeros(batch_size, config.audio_channels, dtype=torch.long, device=device)
+            for channel in channels:
+                logits = self.get_audio_logits(hidden, channel).float()
                 scores = logits.clone()
                 scores[:, empty_ids[channel]] = float("-inf")
                 scores = audio_warpers(codes, scores)
@@ -303,24 +298,16 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                     tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
                 else:
                     tokens = torch.argmax(scores, dim=-1)
-                codes[:, frame, channel] = tokens
+                step_codes[:, channel] = tokens
+                codes[:, step - config.delay_pattern[channel], channel] = tokens
                 if keep_scores:
-                    raw[channel][frame] = logits
-                    processed[channel][frame] = scores
-                if step < num_steps - 1:
-                    embeds = self.model.audio_embeddings[channel](tokens[:, None])
-                    next_embeds = embeds if next_embeds is None else next_embeds + embeds
+                    raw[channel].append(logits)
+                    processed[channel].append(scores)
             if step < num_steps - 1:
-                if next_embeds is None:
-                    inputs_embeds = torch.zeros_like(inputs_embeds)
-                else:
-                    if self.patch_decoder.embeddings_proj is not None:
-                        next_embeds = self.patch_decoder.embeddings_proj(next_embeds)
-                    inputs_embeds = next_embeds.to(inputs_embeds.dtype)
+                inputs_embeds = self.embed_patch_decoder_codes(step_codes[:, None], active[step]).to(inputs_embeds.dtype)
         if not keep_scores:
             return codes, None, None
-        stack = lambda rows: [torch.stack(per_frame, dim=1) for per_frame in rows]  # noqa: E731
-        return codes, stack(raw), stack(processed)
+        return codes, [torch.stack(rows, dim=1) for rows in raw], [torch.stack(rows, dim=1) for rows in processed]
 
     def _sample(
         self,
@@ -357,7 +344,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             batch_size, config.group_size, config.audio_channels
         )
         audio_warpers = self._audio_warpers(generation_config)
-        patch_cache = self._prepare_patch_cache(batch_size)
+        patch_cache = self._prepare_patch_cache()
 
         outputs = self._prefill(input_ids, generation_config, model_kwargs)
         prefill_consumed = False
@@ -388,7 +375,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             step_audio_logits = step_audio_scores = None
             if is_audio.any():
                 patch, step_audio_logits, step_audio_scores = self._generate_audio_patch(
-                    outputs.last_hidden_state[:, -1].to(device),
+                    outputs.last_hidden_state[:, -1],
                     patch_cache,
                     generation_config,
                     audio_warpers,
