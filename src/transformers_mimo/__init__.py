@@ -66,8 +66,10 @@ register_checkpoint_conversion_mapping(
 from transformers import AutoFeatureExtractor
 
 from .audio_utils import htk_mel_filter_bank, resample_waveform
+from .configuration_mimo_audio import MiMoAudioConfig
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 
 
 AutoFeatureExtractor.register(MiMoAudioTokenizerConfig, MiMoAudioFeatureExtractor, exist_ok=True)
+AutoFeatureExtractor.register(MiMoAudioConfig, MiMoAudioFeatureExtractor, exist_ok=True)
