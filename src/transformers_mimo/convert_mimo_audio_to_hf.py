@@ -1,0 +1,236 @@
+"""Converts an original MiMo-Audio language model checkpoint (and optionally its audio tokenizer) to this package's
+Hugging Face layout.
+
+    python -m transformers_mimo.convert_mimo_audio_to_hf --input_dir MiMo-Audio-7B-Instruct \
+        [--tokenizer_dir MiMo-Audio-Tokenizer] --output_dir mimo-audio-hf [--dtype bfloat16] [--force]
+
+Writes `config.json` (`model_type: "mimo_audio"`), sharded safetensors with renamed keys, `generation_config.json`
+(the original's default sampling), the text tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`,
+the converted audio tokenizer in `audio_tokenizer/`.
+"""
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, GenerationConfig
+
+from .configuration_mimo_audio import (
+    MiMoAudioConfig,
+    convert_original_config_dict,
+    is_original_config_dict,
+    special_token_ids_from_vocab,
+)
+from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
+
+
+# Special tokens the original adds to the text tokenizer when they are missing (original mimo_audio.py).
+ORIGINAL_ADDED_TOKENS = (
+    "<|sosp|>",
+    "<|eosp|>",
+    "<|empty|>",
+    "<|Human|>",
+    "<|SpeechLM|>",
+    "<|sostm|>",
+    "<|eostm|>",
+    "<|eot|>",
+)
+# Non-persistent buffers that some original checkpoints carry; they are recomputed from the config.
+DROPPED_KEY_PATTERN = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rename_original_key(key: str) -> str:
+    """Original checkpoint key -> key of `MiMoAudioForConditionalGeneration` (first matching rule; else unchanged)."""
+    for pattern, replacement in ORIGINAL_CHECKPOINT_KEY_MAPPING.items():
+        if re.search(pattern, key):
+            return re.sub(pattern, replacement, key, count=1)
+    return key
+
+
+def convert_state_dict_keys(
+    original_shapes: dict[str, tuple[int, ...]], expected_shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, str], list[str]]:
+    """
+    Maps every original key to its new name and checks the result against the model's parameters.
+
+    Args:
+        original_shapes: original key -> tensor shape.
+        expected_shapes: parameter name -> shape of the target model.
+
+    Returns:
+        `(renames, dropped)`: original key -> new key for every kept tensor, and the original keys deliberately
+        dropped (non-persistent rotary buffers).
+
+    Raises:
+        ValueError: naming every unexpected key, missing parameter and shape mismatch.
+    """
+    renames, dropped = {}, []
+    for key in original_shapes:
+        if DROPPED_KEY_PATTERN.search(key):
+            dropped.append(key)
+        else:
+            renames[key] = rename_original_key(key)
+    targets = set(renames.values())
+    unexpected = sorted(key for key, new in renames.items() if new not in expected_shapes)
+    missing = sorted(set(expected_shapes) - targets)
+    mismatched = sorted(
+        f"{key} {tuple(original_shapes[key])} -> {new} {tuple(expected_shapes[new])}"
+        for key, new in renames.items()
+        if new in expected_shapes and tuple(original_shapes[key]) != tuple(expected_shapes[new])
+    )
+    if len(targets) != len(renames):
+        raise ValueError("Several original tensors map to the same parameter.")
+    if unexpected or missing or mismatched:
+        raise ValueError(
+            "The original checkpoint does not match the configuration: "
+            f"unexpected keys {unexpected}, missing parameters {missing}, shape mismatches {mismatched}."
+        )
+    return renames, dropped
+
+
+def _safetensors_files(input_dir: Path) -> list[Path]:
+    index = input_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [input_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(input_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No safetensors weights in {input_dir}.")
+    return files
+
+
+def load_text_tokenizer(input_dir: Path):
+    """Loads the original text tokenizer and adds MiMo-Audio's special tokens that are missing, as the original does."""
+    tokenizer = AutoTokenizer.from_pretrained(str(input_dir))
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in ORIGINAL_ADDED_TOKENS if token not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return tokenizer
+
+
+def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationConfig:
+    """The original's default sampling: text top-k 50 / top-p 0.95 / temperature 0.6, audio top-p 0.95 /
+    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; at most 8192 positions."""
+    eos_ids = [config.im_end_token_id, config.eostm_token_id]
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos_ids.insert(0, tokenizer.eos_token_id)
+    generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=0.6,
+        top_k=50,
+        top_p=0.95,
+        max_length=8192,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
+        audio_do_sample=True,
+        audio_temperature=0.9,
+        audio_top_p=0.95,
+        audio_top_k=None,
+    )
+    # Keep the audio_* keys when the file is read back (configs "from the model config" drop unknown keys).
+    generation_config._from_model_config = False
+    return generation_config
+
+
+def convert_audio_tokenizer(tokenizer_dir: Path, output_dir: Path, dtype: torch.dtype | None):
+    """Converts the original audio tokenizer (codec) into `output_dir`."""
+    from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
+
+    codec = MiMoAudioTokenizerModel.from_pretrained(str(tokenizer_dir), dtype=dtype or "auto")
+    codec.save_pretrained(str(output_dir))
+
+
+def convert(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Converts the checkpoint in `input_dir` into `output_dir`; returns `output_dir`. See the module docstring."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    config_path = input_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: --input_dir must be an original MiMo-Audio checkpoint.")
+    original_config = json.loads(config_path.read_text())
+    if not is_original_config_dict(original_config):
+        raise ValueError(f"{config_path} is not an original MiMo-Audio config (no `speech_vocab_size`).")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not force:
+            raise FileExistsError(f"{output_dir} exists and is not empty; pass --force to overwrite it.")
+        shutil.rmtree(output_dir)
+
+    has_text_tokenizer = (input_dir / "tokenizer.json").is_file() or (input_dir / "vocab.json").is_file()
+    tokenizer = load_text_tokenizer(input_dir) if has_text_tokenizer else None
+    special_ids = special_token_ids_from_vocab(tokenizer.get_vocab()) if tokenizer is not None else {}
+    config = MiMoAudioConfig(**convert_original_config_dict(original_config, special_ids))
+    target_dtype = DTYPES[dtype] if dtype is not None else None
+
+    with torch.device("meta"):
+        model = MiMoAudioForConditionalGeneration(config)
+    expected_shapes = {name: tuple(param.shape) for name, param in model.state_dict().items()}
+
+    files = _safetensors_files(input_dir)
+    original_shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in original_shapes:
+                    raise ValueError(f"Tensor {key} appears in several weight files.")
+                original_shapes[key] = tuple(handle.get_slice(key).get_shape())
+    renames, _ = convert_state_dict_keys(original_shapes, expected_shapes)
+
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in renames:
+                    tensor = handle.get_tensor(key)
+                    state_dict[renames[key]] = tensor.to(target_dtype) if target_dtype is not None else tensor
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    stored_dtypes = {tensor.dtype for tensor in state_dict.values()}
+    model.config.dtype = target_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else None)
+    model.generation_config = default_generation_config(config, tokenizer)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir), max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(output_dir))
+    if tokenizer_dir is not None:
+        convert_audio_tokenizer(Path(tokenizer_dir), output_dir / "audio_tokenizer", target_dtype)
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", required=True, help="Original MiMo-Audio LM checkpoint directory.")
+    parser.add_argument("--tokenizer_dir", default=None, help="Original MiMo-Audio-Tokenizer directory (optional).")
+    parser.add_argument("--output_dir", required=True, help="Where to write the converted checkpoint.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Cast weights (default: keep).")
+    parser.add_argument("--force", action="store_true", help="Overwrite a non-empty output directory.")
+    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard (default 5GB).")
+    args = parser.parse_args(argv)
+    output_dir = convert(
+        args.input_dir,
+        args.output_dir,
+        tokenizer_dir=args.tokenizer_dir,
+        dtype=args.dtype,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"Converted {args.input_dir} -> {output_dir}")
+
+
+__all__ = ["convert", "main", "rename_original_key", "convert_state_dict_keys"]
+
+if __name__ == "__main__":
+    main()
