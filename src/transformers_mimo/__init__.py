@@ -73,3 +73,12 @@ from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 
 AutoFeatureExtractor.register(MiMoAudioTokenizerConfig, MiMoAudioFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(MiMoAudioConfig, MiMoAudioFeatureExtractor, exist_ok=True)
+
+# --- processor (chat messages <-> model inputs, generated ids -> text + waveform) ---
+from transformers import AutoProcessor
+
+from .configuration_mimo_audio import MiMoAudioConfig
+from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
+
+
+AutoProcessor.register(MiMoAudioConfig, MiMoAudioProcessor, exist_ok=True)

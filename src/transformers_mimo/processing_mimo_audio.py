@@ -1,0 +1,1001 @@
+"""Processor for MiMo-Audio: chat messages -> model inputs, generated ids -> text and waveforms.
+
+The model reads one LLM position per text token or per audio patch (`group_size` frames of `audio_channels` codes):
+
+- `input_ids` `(batch, seq_len)`: the text channel; audio-patch positions hold `<|empty|>`.
+- `audio_input_ids` `(batch, seq_len, group_size, audio_channels)`: the patches; text positions hold each channel's
+  empty id.
+- `attention_mask` `(batch, seq_len)`: batches are padded on the LEFT.
+
+All prompt layouts of the original MiMo-Audio code live in the "Prompt layouts" section below: chat turns, the
+speech segments (`<|sosp|>` patches `<|eosp|>`), the assistant speech stream (`<|sostm|>`, text chunks of 5 tokens
+interleaved with 5 patches, `<|eot|>`, `<|eostm|>`), the generation prompts and the base-model prompts.
+"""
+
+import io
+import os
+import re
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import cached_file, logging
+
+from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["MiMoAudioDecodedOutput", "MiMoAudioProcessor"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt layouts: the only place that knows how MiMo-Audio prompts look.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Tokens the original adds to the text tokenizer when they are missing (attribute name -> token).
+SPECIAL_TOKENS = {
+    "sosp_token": "<|sosp|>",  # start of an input speech segment
+    "eosp_token": "<|eosp|>",  # end of an input speech segment
+    "empty_token": "<|empty|>",  # text channel of an audio patch
+    "human_token": "<|Human|>",
+    "speechlm_token": "<|SpeechLM|>",
+    "sostm_token": "<|sostm|>",  # start of the assistant speech stream
+    "eostm_token": "<|eostm|>",  # end of the assistant speech stream
+    "eot_token": "<|eot|>",  # end of the text inside the speech stream
+}
+CHAT_TOKENS = {"im_start_token": "<|im_start|>", "im_end_token": "<|im_end|>"}
+
+TURN_START = "<|im_start|>{role}\n"
+TURN_END = "<|im_end|>\n"
+THINK_OPEN = "<think>\n"  # the assistant reasons first
+THINK_SKIPPED = "<think>\n\n</think>\n"  # text answer without reasoning
+
+# Fixed instructions the original models were trained with.
+TTS_STYLE_SYSTEM_PROMPT = "你需要根据指定的风格指令和文本内容来生成语音。"
+TTS_VOICE_SYSTEM_PROMPT = "你需要根据指定的风格指令和文本内容来生成和语音prompt具有相同音色的语音。你的音色应该是："
+DIALOGUE_VOICE_SYSTEM_PROMPT = "Your voice should be:"
+DIALOGUE_SYSTEM_PROMPT_SEPARATOR = "\n\n"
+ICL_INSTRUCTION = "[Int]:{instruction}\n"
+ICL_AFTER_INPUT = "\n"
+ICL_AFTER_EXAMPLE = " \n\n"
+
+# Default task instructions. The original draws one at random from a list per call; we use one fixed sentence of
+# that list per task (and language, for TTS). Every helper takes `instruction=` to use any other sentence.
+DEFAULT_ASR_INSTRUCTION = "Please convert the recording to written format"
+DEFAULT_TTS_INSTRUCTION = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
+
+# Assistant speech stream: text chunks of this many tokens interleaved with audio chunks of this many patches.
+STREAM_TEXT_CHUNK = 5
+STREAM_AUDIO_CHUNK = 5
+
+# The original decodes generated codes in segments of this many frames.
+DECODE_SEGMENT_FRAMES = 1500
+
+
+@dataclass
+class _Text:
+    """Text tokenized on its own (the original tokenizes every prompt segment separately)."""
+
+    text: str
+
+
+@dataclass
+class _Speech:
+    """An audio clip as patches, framed by `<|sosp|>` and (unless `open_end`) `<|eosp|>`."""
+
+    audio: dict
+    open_end: bool = False
+
+
+@dataclass
+class _SpeechStream:
+    """Speech with its transcript: `<|sostm|>`, text/patch chunks, `<|eot|>` after the text, `<|eostm|>`."""
+
+    text: str
+    audio: dict
+
+
+def _contains_chinese(text: str) -> bool:
+    return re.search(r"[\u4e00-\u9fff]", text) is not None
+
+
+def _tts_text(text: str) -> str:
+    """The original's TTS text normalization: a text in one letter case only is capitalized ("HELLO" -> "Hello")."""
+    return text.capitalize() if text.isupper() or text.islower() else text
+
+
+def _generation_prompt(output_modality: str, thinking: bool) -> list:
+    """How the assistant turn opens when the model is asked to answer."""
+    if thinking:
+        ending = THINK_OPEN
+    elif output_modality == "audio":
+        ending = SPECIAL_TOKENS["sostm_token"]
+    else:
+        ending = THINK_SKIPPED
+    return [_Text(TURN_START.format(role="assistant")), _Text(ending)]
+
+
+def _render_turn(role: str, items: list[dict]) -> list:
+    """One chat turn: `<|im_start|>role\\n`, its content in order, `<|im_end|>\\n`."""
+    pieces = [_Text(TURN_START.format(role=role))]
+    if role == "assistant" and any(item["type"] == "audio" for item in items):
+        texts = [item["text"] for item in items if item["type"] == "text"]
+        audios = [item for item in items if item["type"] == "audio"]
+        if len(texts) != 1 or len(audios) != 1 or not texts[0].strip():
+            raise ValueError(
+                "An assistant turn with audio must hold exactly one audio item and one non-empty text item (its "
+                f"transcript), got {len(audios)} audio and {len(texts)} text items."
+            )
+        pieces.append(_SpeechStream(texts[0], audios[0]))
+    else:
+        pieces.extend(_Text(item["text"]) if item["type"] == "text" else _Speech(item) for item in items)
+    pieces.append(_Text(TURN_END))
+    return pieces
+
+
+def _render_conversation(conversation: list[dict], add_generation_prompt: bool, output_modality: str, thinking: bool):
+    pieces = []
+    for message in conversation:
+        pieces.extend(_render_turn(message["role"], message["content"]))
+    if add_generation_prompt:
+        pieces.extend(_generation_prompt(output_modality, thinking))
+    return pieces
+
+
+def _text_item(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _asr_messages(audio: dict, instruction: str) -> list[dict]:
+    return [{"role": "user", "content": [audio, _text_item(instruction)]}]
+
+
+def _tts_messages(text: str, instruction: str | None, style: str | None, voice: dict | None, natural: bool):
+    text = _tts_text(text)
+    if instruction is None:
+        instruction = DEFAULT_TTS_INSTRUCTION["zh" if _contains_chinese(text) else "en"]
+    if natural:
+        request = text
+    else:
+        request = f"{instruction}: {text}" + (f"({style})" if style is not None else "")
+    messages = [{"role": "user", "content": [_text_item(request)]}]
+    if voice is not None:
+        system = [_text_item(TTS_VOICE_SYSTEM_PROMPT), voice]
+    elif style is not None or natural:
+        system = [_text_item(TTS_STYLE_SYSTEM_PROMPT)]
+    else:
+        return messages
+    return [{"role": "system", "content": system}] + messages
+
+
+def _spoken_dialogue_messages(conversation: list[dict], system_prompt: str | None, voice: dict | None):
+    """The original's spoken dialogue: the voice prompt is a system turn, the system prompt opens the first user turn."""
+    messages = [dict(message) for message in conversation]
+    if system_prompt is not None:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError("`system_prompt` needs a user turn to go into, but the conversation has none.")
+        first_user["content"] = [
+            _text_item(system_prompt),
+            _text_item(DIALOGUE_SYSTEM_PROMPT_SEPARATOR),
+        ] + list(first_user["content"])
+    if voice is not None:
+        messages.insert(0, {"role": "system", "content": [_text_item(DIALOGUE_VOICE_SYSTEM_PROMPT), voice]})
+    return messages
+
+
+def _in_context_learning_pieces(audio: dict, examples: list[dict], instruction: str) -> list:
+    """Few-shot speech-to-speech prompt of the base model (no chat turns)."""
+    pieces = [_Text(ICL_INSTRUCTION.format(instruction=instruction))]
+    for example in examples:
+        pieces += [
+            _Speech(example["input_audio"]),
+            _Text(ICL_AFTER_INPUT),
+            _SpeechStream(example["output_text"], example["output_audio"]),
+            _Text(ICL_AFTER_EXAMPLE),
+        ]
+    pieces += [_Speech(audio), _Text(ICL_AFTER_INPUT), _Text(SPECIAL_TOKENS["sostm_token"])]
+    return pieces
+
+
+def _speech_continuation_pieces(audio: dict) -> list:
+    """Base-model speech continuation: the prompt speech segment is left open (no `<|eosp|>`)."""
+    return [_Speech(audio, open_end=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+_ROLES = ("system", "user", "assistant")
+_AUDIO_SOURCES = ("path", "url", "audio", "audio_codes")
+
+
+def _check_audio_item(item, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: an audio item must be a dict, got {type(item).__name__}.")
+    sources = [key for key in _AUDIO_SOURCES if item.get(key) is not None]
+    if len(sources) != 1:
+        raise ValueError(
+            f"{where}: an audio item needs exactly one of {list(_AUDIO_SOURCES)}, got {sources or 'none'}."
+        )
+    unknown = set(item) - {"type", "sampling_rate", *_AUDIO_SOURCES}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} in audio item.")
+    if "sampling_rate" in item and sources[0] != "audio":
+        raise ValueError(f"{where}: `sampling_rate` only applies to an `audio` waveform, not to `{sources[0]}`.")
+    return {"type": "audio", **item}
+
+
+def _check_conversation(conversation, index: int) -> list[dict]:
+    """Validate one conversation and return it with string contents turned into text items."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"Conversation {index} must be a non-empty list of messages, got {conversation!r:.80}.")
+    checked = []
+    for position, message in enumerate(conversation):
+        where = f"Conversation {index}, message {position}"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: a message must be a dict with `role` and `content`, got {message!r:.80}.")
+        unknown = set(message) - {"role", "content"}
+        if unknown:
+            raise ValueError(f"{where}: unknown message keys {sorted(unknown)}.")
+        role, content = message["role"], message["content"]
+        if role not in _ROLES:
+            raise ValueError(f"{where}: unknown role {role!r}; expected one of {list(_ROLES)}.")
+        if isinstance(content, str):
+            content = [_text_item(content)]
+        if not isinstance(content, (list, tuple)) or not content:
+            raise ValueError(f"{where}: `content` must be a string or a non-empty list of items, got {content!r:.80}.")
+        items = []
+        for item in content:
+            if not isinstance(item, dict) or "type" not in item:
+                raise ValueError(f"{where}: a content item must be a dict with a `type`, got {item!r:.80}.")
+            if item["type"] == "text":
+                if not isinstance(item.get("text"), str) or set(item) != {"type", "text"}:
+                    raise ValueError(f"{where}: a text item must be {{'type': 'text', 'text': <str>}}, got {item!r:.80}.")
+                items.append(item)
+            elif item["type"] == "audio":
+                items.append(_check_audio_item(item, where))
+            else:
+                raise ValueError(f"{where}: unknown content type {item['type']!r}; expected 'text' or 'audio'.")
+        checked.append({"role": role, "content": items})
+    return checked
+
+
+def _as_audio_item(audio, name: str) -> dict:
+    """Helper inputs: a path, a content item dict, a `(waveform, sampling_rate)` tuple or a waveform at 24 kHz."""
+    if isinstance(audio, (str, os.PathLike)):
+        return {"type": "audio", "path": os.fspath(audio)}
+    if isinstance(audio, dict):
+        return _check_audio_item(audio, f"`{name}`")
+    if isinstance(audio, tuple) and len(audio) == 2:
+        return {"type": "audio", "audio": audio[0], "sampling_rate": audio[1]}
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        return {"type": "audio", "audio": audio}
+    raise ValueError(
+        f"`{name}` must be a file path, an audio item dict, a (waveform, sampling_rate) tuple or a waveform array, "
+        f"got {type(audio).__name__}."
+    )
+
+
+def _is_batch(value) -> bool:
+    return isinstance(value, list)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processor
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MiMoAudioDecodedOutput:
+    """Decoded generations.
+
+    Args:
+        text (`list[str]`): the text channel of each sample, cleaned as the original does.
+        audio (`list[torch.Tensor | None]`): the waveform `(samples,)` (float32, CPU) of the speech each sample
+            generated, or `None` when it generated no speech or no audio was decoded.
+        sampling_rate (`int`): rate of `audio` in Hz.
+    """
+
+    text: list[str]
+    audio: list[torch.Tensor | None]
+    sampling_rate: int
+
+
+class MiMoAudioProcessor(ProcessorMixin):
+    r"""
+    Builds MiMo-Audio model inputs from chat messages and turns generated ids back into text and speech.
+
+    Audio goes through the feature extractor (downmix, resampling to 24 kHz, log-mel) and the audio tokenizer (the
+    codec, `MiMoAudioTokenizerModel`), which gives `audio_channels` codes per 25 Hz frame; the frame count is padded to
+    a multiple of `group_size` by repeating the last frame (as the original does) and grouped into patches.
+
+    Args:
+        feature_extractor ([`MiMoAudioFeatureExtractor`]): waveform -> log-mel features.
+        tokenizer ([`PreTrainedTokenizerBase`]): the Qwen2 text tokenizer. MiMo-Audio's special tokens (`<|sosp|>`,
+            `<|eosp|>`, `<|empty|>`, `<|Human|>`, `<|SpeechLM|>`, `<|sostm|>`, `<|eostm|>`, `<|eot|>`) are added when
+            missing, as in the original.
+        audio_tokenizer ([`MiMoAudioTokenizerModel`], *optional*): the codec. Needed for audio given as waveforms or
+            files and for decoding speech; audio given as codes (`{"type": "audio", "audio_codes": ...}`) works without
+            it. `save_pretrained` writes it to the `audio_tokenizer/` subfolder and `from_pretrained` loads it from
+            there.
+        group_size (`int`, *optional*, defaults to 4): frames per patch (the model config's `group_size`).
+        audio_channels (`int`, *optional*, defaults to 8): codebooks read by the model (`audio_channels`).
+        audio_empty_ids (`list[int]`, *optional*): each channel's empty id (the model config's `audio_empty_ids`);
+            defaults to the released checkpoints' `[1024, 1024, 128, ...]`.
+    """
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        audio_tokenizer=None,
+        group_size: int = 4,
+        audio_channels: int = 8,
+        audio_empty_ids: list[int] | None = None,
+    ):
+        if audio_empty_ids is None:
+            audio_empty_ids = [1024, 1024] + [128] * (audio_channels - 2)
+        if group_size < 1 or audio_channels < 1:
+            raise ValueError(f"`group_size` ({group_size}) and `audio_channels` ({audio_channels}) must be positive.")
+        if len(audio_empty_ids) != audio_channels:
+            raise ValueError(f"`audio_empty_ids` has {len(audio_empty_ids)} entries, expected {audio_channels}.")
+        super().__init__(feature_extractor, tokenizer, audio_tokenizer=audio_tokenizer)
+        self.audio_tokenizer = audio_tokenizer
+        self.group_size = group_size
+        self.audio_channels = audio_channels
+        self.audio_empty_ids = [int(value) for value in audio_empty_ids]
+
+        missing = [token for token in SPECIAL_TOKENS.values() if token not in tokenizer.get_vocab()]
+        if missing:
+            logger.warning(f"Adding missing MiMo-Audio special tokens to the tokenizer: {missing}")
+            tokenizer.add_tokens(missing, special_tokens=True)
+        for name, token in {**SPECIAL_TOKENS, **CHAT_TOKENS}.items():
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(f"The tokenizer has no {token} token, which MiMo-Audio prompts need.")
+            setattr(self, f"{name}_id", token_id)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer needs a pad token (MiMo-Audio uses <|endoftext|>).")
+
+    # ---------------------------------------------------------------- Transformers plumbing for an out-of-tree codec
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "audio_tokenizer":
+            from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
+
+            if not isinstance(argument, MiMoAudioTokenizerModel):
+                raise TypeError(f"`audio_tokenizer` must be a MiMoAudioTokenizerModel, got {type(argument).__name__}.")
+            return MiMoAudioTokenizerModel
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    @staticmethod
+    def get_possibly_dynamic_module(module_name):
+        if module_name == "MiMoAudioTokenizerModel":
+            from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
+
+            return MiMoAudioTokenizerModel
+        if module_name == "MiMoAudioFeatureExtractor":
+            return MiMoAudioFeatureExtractor
+        return ProcessorMixin.get_possibly_dynamic_module(module_name)
+
+    def to_dict(self):
+        # The codec is saved as a model in the `audio_tokenizer/` subfolder, not referenced in the config (and not
+        # deep-copied by `ProcessorMixin.to_dict`).
+        codec = self.__dict__.pop("audio_tokenizer")
+        try:
+            return super().to_dict()
+        finally:
+            self.audio_tokenizer = codec
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save the tokenizer and `processor_config.json` as usual, plus the codec in `audio_tokenizer/`."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if self.audio_tokenizer is not None:
+            self.audio_tokenizer.save_pretrained(os.path.join(save_directory, "audio_tokenizer"))
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, device=None, dtype=None, **kwargs):
+        """
+        Load the processor; the codec comes from the `audio_tokenizer/` subfolder when there is one.
+
+        Args:
+            device (`str` or `torch.device`, *optional*): where to put the codec (default: CPU).
+            dtype (`torch.dtype`, *optional*): the codec's dtype (default: as saved).
+        """
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision")
+            if key in kwargs
+        }
+        codec_config = cached_file(
+            pretrained_model_name_or_path,
+            "config.json",
+            subfolder="audio_tokenizer",
+            _raise_exceptions_for_missing_entries=False,
+            **hub_kwargs,
+        )
+        if codec_config is not None:
+            from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
+
+            codec = MiMoAudioTokenizerModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="audio_tokenizer", dtype=dtype, **hub_kwargs
+            )
+            processor.audio_tokenizer = codec
+        if device is not None and processor.audio_tokenizer is not None:
+            processor.audio_tokenizer.to(device)
+        if processor.audio_tokenizer is not None:
+            processor.audio_tokenizer.eval()
+        return processor
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "audio_input_ids", "attention_mask"]
+
+    @property
+    def sampling_rate(self) -> int:
+        """Rate in Hz of the waveforms the processor reads (after resampling) and writes."""
+        return self.feature_extractor.sampling_rate
+
+    # ------------------------------------------------------------------------------------------------ chat templates
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        add_generation_prompt: bool = True,
+        output_modality: str = "text",
+        thinking: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Lay out one conversation or a batch of conversations as model inputs.
+
+        Messages follow Transformers' format: `{"role": "system" | "user" | "assistant", "content": str | list}` with
+        content items `{"type": "text", "text": str}` and `{"type": "audio", <source>}`, where the source is one of
+        `"path"` (a local audio file), `"url"`, `"audio"` (a waveform array, with an optional `"sampling_rate"`,
+        default 24000) or `"audio_codes"` (precomputed codes `(num_quantizers, frames)` at 25 Hz).
+
+        Each turn is `<|im_start|>{role}\n`, its items in order, `<|im_end|>\n`. A text item is tokenized on its own;
+        an audio item becomes `<|sosp|>`, one position per patch, `<|eosp|>`. An assistant turn with one text and one
+        audio item is the speech stream the model generates: `<|sostm|>`, then chunks of 5 text tokens alternating
+        with chunks of 5 patches (`<|eot|>` closes the text), then `<|eostm|>`. An assistant audio item without its
+        transcript is an error.
+
+        Args:
+            conversation: one list of messages, or a list of them (a batch, padded on the left).
+            add_generation_prompt (`bool`, defaults to `True`): open the assistant turn at the end.
+            output_modality (`"text"` or `"audio"`): what the assistant answers with. `"audio"` opens with
+                `<|sostm|>`; `"text"` opens with an empty thinking block `<think>\n\n</think>\n`.
+            thinking (`bool`, defaults to `False`): open with `<think>\n` instead, so the model reasons first (used
+                for audio understanding with thinking and for TTS with a style instruction).
+
+        Returns:
+            [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
+            `(batch, seq_len, group_size, audio_channels)` and `attention_mask` `(batch, seq_len)` (int64 tensors).
+        """
+        self._check_no_extra_kwargs(kwargs)
+        if output_modality not in ("text", "audio"):
+            raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError("`conversation` must be a non-empty list of messages or a list of conversations.")
+        is_batch = isinstance(conversation[0], (list, tuple))
+        conversations = conversation if is_batch else [conversation]
+        batch = [
+            _render_conversation(_check_conversation(conv, index), add_generation_prompt, output_modality, thinking)
+            for index, conv in enumerate(conversations)
+        ]
+        return self._build_inputs(batch)
+
+    __call__ = apply_chat_template
+
+    @staticmethod
+    def _check_no_extra_kwargs(kwargs: dict):
+        if kwargs.get("tokenize", True) is not True or kwargs.get("return_dict", True) is not True:
+            raise ValueError("MiMoAudioProcessor always tokenizes and returns a BatchFeature of tensors.")
+        if kwargs.get("return_tensors", "pt") != "pt":
+            raise ValueError("MiMoAudioProcessor returns torch tensors only (`return_tensors='pt'`).")
+        unknown = set(kwargs) - {"tokenize", "return_dict", "return_tensors"}
+        if unknown:
+            raise ValueError(f"Unexpected arguments: {sorted(unknown)}.")
+
+    # ------------------------------------------------------------------------------------------------- task helpers
+
+    def asr(self, audio, instruction: str = DEFAULT_ASR_INSTRUCTION) -> BatchFeature:
+        """Speech recognition (instruct model): the user turn is the audio then `instruction`; the answer is text."""
+        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        return self.apply_chat_template([_asr_messages(item, instruction) for item in items])
+
+    def tts(
+        self,
+        text: str | list[str],
+        instruction: str | None = None,
+        style: str | None = None,
+        voice=None,
+        natural_instruction: bool = False,
+    ) -> BatchFeature:
+        """
+        Text to speech (instruct model).
+
+        Args:
+            text: the text to read (a list for a batch). As in the original, a text in one letter case only is
+                capitalized first.
+            instruction: the request put before the text (`"{instruction}: {text}"`); defaults to
+                `DEFAULT_TTS_INSTRUCTION` for the text's language (Chinese or English).
+            style: a style instruction, e.g. "用小孩子的声音开心的说" (`"{instruction}: {text}({style})"`, with the
+                style system prompt; the assistant thinks first).
+            voice: a voice prompt (path, audio item, `(waveform, sampling_rate)` or waveform) to clone; adds the
+                voice system turn and the assistant thinks first.
+            natural_instruction: `text` is a free-form request that describes the voice and holds the words to say
+                (e.g. "用气喘吁吁的年轻男性声音说：我跑不动了"); `instruction` and `style` are not used.
+        """
+        if natural_instruction and (instruction is not None or style is not None):
+            raise ValueError("`natural_instruction=True` takes the whole request in `text`; do not pass `instruction` or `style`.")
+        voice_item = None if voice is None else _as_audio_item(voice, "voice")
+        thinking = voice_item is not None or style is not None or natural_instruction
+        texts = text if _is_batch(text) else [text]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError("`text` must be a non-empty string or a list of them.")
+        conversations = [_tts_messages(t, instruction, style, voice_item, natural_instruction) for t in texts]
+        return self.apply_chat_template(conversations, output_modality="audio", thinking=thinking)
+
+    def audio_understanding(self, audio, question: str, thinking: bool = False) -> BatchFeature:
+        """Answer a question about the audio in text (instruct model), optionally reasoning first."""
+        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        conversations = [[{"role": "user", "content": [item, _text_item(question)]}] for item in items]
+        return self.apply_chat_template(conversations, thinking=thinking)
+
+    def spoken_dialogue(
+        self, conversation: list[dict], system_prompt: str | None = None, voice=None, output_modality: str = "audio"
+    ) -> BatchFeature:
+        """
+        Spoken dialogue (instruct model). User turns are audio; earlier assistant turns are text (speech-to-text
+        dialogue) or text + audio (spoken dialogue, laid out as the speech stream).
+
+        Args:
+            conversation: the messages so far, ending with a user turn.
+            system_prompt: put at the start of the first user turn followed by a blank line, as the original does.
+            voice: a voice prompt for the answer, given as a system turn "Your voice should be:" + audio.
+            output_modality: `"audio"` (spoken answer, opens with `<|sostm|>`) or `"text"` (speech-to-text dialogue,
+                opens with an empty thinking block).
+        """
+        conversation = _check_conversation(conversation, 0)
+        voice_item = None if voice is None else _as_audio_item(voice, "voice")
+        messages = _spoken_dialogue_messages(conversation, system_prompt, voice_item)
+        return self.apply_chat_template(messages, output_modality=output_modality)
+
+    def text_dialogue(self, conversation: list[dict] | str, thinking: bool = False) -> BatchFeature:
+        """Text chat (instruct model); a string is one user turn."""
+        if isinstance(conversation, str):
+            conversation = [{"role": "user", "content": conversation}]
+        return self.apply_chat_template(conversation, thinking=thinking)
+
+    def in_context_learning(self, audio, examples: list[dict], instruction: str) -> BatchFeature:
+        """
+        Few-shot speech-to-speech (base model): an instruction, examples of input speech -> output speech, then the
+        input to transform. The model answers with a speech stream (its prompt ends with `<|sostm|>`).
+
+        Args:
+            audio: the input speech (a list for a batch sharing the examples).
+            examples: dicts with `input_audio`, `output_audio` and `output_text` (the transcript of `output_audio`).
+            instruction: e.g. "Convert the timbre of the input speech to target timbre."
+        """
+        if not isinstance(instruction, str):
+            raise ValueError(f"`instruction` must be a string, got {type(instruction).__name__}.")
+        checked = []
+        for index, example in enumerate(examples):
+            if not isinstance(example, dict) or set(example) != {"input_audio", "output_audio", "output_text"}:
+                raise ValueError(
+                    f"Example {index} must be a dict with exactly `input_audio`, `output_audio` and `output_text`."
+                )
+            if not isinstance(example["output_text"], str) or not example["output_text"].strip():
+                raise ValueError(f"Example {index}: `output_text` must be the non-empty transcript of `output_audio`.")
+            checked.append(
+                {
+                    "input_audio": _as_audio_item(example["input_audio"], f"examples[{index}]['input_audio']"),
+                    "output_audio": _as_audio_item(example["output_audio"], f"examples[{index}]['output_audio']"),
+                    "output_text": example["output_text"],
+                }
+            )
+        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        return self._build_inputs([_in_context_learning_pieces(item, checked, instruction) for item in items])
+
+    def speech_continuation(self, audio) -> BatchFeature:
+        """Continue the given speech (base model): `<|sosp|>` and the prompt's patches, left open."""
+        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        return self._build_inputs([_speech_continuation_pieces(item) for item in items])
+
+    # ------------------------------------------------------------------------------------------------ audio -> codes
+
+    def encode_audio(self, audio) -> list[torch.Tensor]:
+        """
+        Audio -> the patches the model reads, one clip at a time (a single input or a list).
+
+        Returns:
+            a list of int64 tensors `(num_patches, group_size, audio_channels)`, one per clip.
+        """
+        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        return self._audio_items_to_patches(items)
+
+    def _audio_items_to_patches(self, items: list[dict]) -> list[torch.Tensor]:
+        frames: list[torch.Tensor | None] = [None] * len(items)
+        waveforms = {}
+        for index, item in enumerate(items):
+            if item.get("audio_codes") is not None:
+                frames[index] = self._check_codes(item["audio_codes"], index)
+            else:
+                waveforms[index] = self._load_waveform(item, index)
+        if waveforms:
+            codes = self._waveforms_to_codes(list(waveforms.values()))
+            for index, clip_codes in zip(waveforms, codes):
+                frames[index] = clip_codes
+        return [self._group_frames(clip_frames) for clip_frames in frames]
+
+    def _check_codes(self, codes, index: int) -> torch.Tensor:
+        """Precomputed codes `(num_quantizers, frames)` -> frames `(frames, audio_channels)`."""
+        codes = torch.as_tensor(codes)
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"Audio {index}: `audio_codes` must hold integers, got {codes.dtype}.")
+        if codes.ndim != 2 or codes.shape[0] < self.audio_channels or codes.shape[1] == 0:
+            raise ValueError(
+                f"Audio {index}: `audio_codes` must have shape (num_quantizers >= {self.audio_channels}, frames >= 1), "
+                f"got {tuple(codes.shape)}."
+            )
+        codes = codes[: self.audio_channels].T.to(torch.int64)
+        limits = torch.tensor(self.audio_empty_ids)
+        if (codes < 0).any() or (codes >= limits).any():
+            raise ValueError(
+                f"Audio {index}: `audio_codes` must lie in [0, codebook size) per channel, i.e. below "
+                f"{self.audio_empty_ids}."
+            )
+        return codes
+
+    def _load_waveform(self, item: dict, index: int) -> tuple[torch.Tensor, int]:
+        """Return a mono float32 waveform `(samples,)` and its sampling rate."""
+        if item.get("audio") is not None:
+            waveform = item["audio"]
+            sampling_rate = item.get("sampling_rate", self.sampling_rate)
+            waveform = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
+            if not waveform.is_floating_point():
+                raise ValueError(f"Audio {index}: the waveform must be float in [-1, 1], got {waveform.dtype}.")
+            if waveform.ndim == 2:
+                waveform = waveform.float().mean(dim=0)  # (channels, samples) -> mono
+            elif waveform.ndim != 1:
+                raise ValueError(f"Audio {index}: expected a waveform (samples,) or (channels, samples), got {tuple(waveform.shape)}.")
+        else:
+            source = item.get("path") or item.get("url")
+            data = self._read_source(item, index)
+            try:
+                array, sampling_rate = sf.read(data, dtype="float32", always_2d=True)
+            except Exception as error:  # soundfile raises several error types for unreadable data
+                raise ValueError(f"Audio {index}: cannot decode {source!r} as audio ({error}).") from error
+            waveform = torch.from_numpy(array.T.copy()).mean(dim=0)  # (channels, samples) -> mono, as the original
+        if waveform.numel() == 0:
+            raise ValueError(f"Audio {index}: the audio is empty (0 samples).")
+        return waveform.float(), int(sampling_rate)
+
+    @staticmethod
+    def _read_source(item: dict, index: int):
+        if item.get("path") is not None:
+            path = item["path"]
+            if not os.path.isfile(path):
+                raise ValueError(f"Audio {index}: no audio file at {path!r}.")
+            return path
+        try:
+            with urllib.request.urlopen(item["url"]) as response:
+                return io.BytesIO(response.read())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Audio {index}: cannot download {item['url']!r} ({error}).") from error
+
+    def _waveforms_to_codes(self, waveforms: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Log-mel features and the codec, one batch for all clips; returns frames `(frames, audio_channels)`."""
+        if self.audio_tokenizer is None:
+            raise ValueError(
+                "Audio given as a waveform or a file needs the processor's `audio_tokenizer` (the codec); load the "
+                "processor with one or pass precomputed `audio_codes`."
+            )
+        features = [self.feature_extractor(wave, sampling_rate=rate)["input_features"][0] for wave, rate in waveforms]
+        max_frames = max(feature.shape[-1] for feature in features)
+        input_features = torch.zeros(len(features), features[0].shape[0], max_frames)
+        input_features_mask = torch.zeros(len(features), max_frames, dtype=torch.long)
+        for index, feature in enumerate(features):
+            input_features[index, :, : feature.shape[-1]] = feature
+            input_features_mask[index, : feature.shape[-1]] = 1
+        codec = self.audio_tokenizer
+        with torch.no_grad():
+            encoded = codec.encode(
+                input_features.to(codec.device),
+                input_features_mask.to(codec.device),
+                num_quantizers=self.audio_channels,
+            )
+        codes, lengths = encoded.audio_codes.cpu(), encoded.audio_codes_mask.sum(-1).cpu()
+        return [codes[index, : self.audio_channels, : int(length)].T.long() for index, length in enumerate(lengths)]
+
+    def _group_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames `(frames, C)` -> patches `(num_patches, group_size, C)`, repeating the last frame as padding."""
+        remainder = frames.shape[0] % self.group_size
+        if remainder:
+            frames = torch.cat([frames, frames[-1:].expand(self.group_size - remainder, -1)])
+        return frames.reshape(-1, self.group_size, self.audio_channels)
+
+    # ----------------------------------------------------------------------------------------------- layout -> ids
+
+    def _build_inputs(self, batch: list[list]) -> BatchFeature:
+        """Turn the pieces of each sample into positions, encode all audio at once, pad on the left."""
+        audio_items = [piece.audio for pieces in batch for piece in pieces if not isinstance(piece, _Text)]
+        patches = iter(self._audio_items_to_patches(audio_items))
+        rows = [self._pieces_to_row(pieces, patches) for pieces in batch]
+
+        length = max(row[0].shape[0] for row in rows)
+        empty_patch = torch.tensor(self.audio_empty_ids).expand(self.group_size, -1)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        audio_input_ids = empty_patch.repeat(len(rows), length, 1, 1)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for index, (text, audio) in enumerate(rows):
+            input_ids[index, length - text.shape[0] :] = text
+            audio_input_ids[index, length - text.shape[0] :] = audio
+            attention_mask[index, length - text.shape[0] :] = 1
+        return BatchFeature(
+            {"input_ids": input_ids, "audio_input_ids": audio_input_ids, "attention_mask": attention_mask}
+        )
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _pieces_to_row(self, pieces: list, patches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample: text ids `(seq_len,)` and patches `(seq_len, group_size, audio_channels)`."""
+        segments = []  # (text ids, patches or None)
+
+        def add_text(token_ids):
+            if token_ids:
+                segments.append((torch.tensor(token_ids, dtype=torch.long), None))
+
+        def add_patches(clip):
+            segments.append((torch.full((clip.shape[0],), self.empty_token_id, dtype=torch.long), clip))
+
+        for piece in pieces:
+            if isinstance(piece, _Text):
+                add_text(self._tokenize(piece.text))
+            elif isinstance(piece, _Speech):
+                add_text([self.sosp_token_id])
+                add_patches(next(patches))
+                if not piece.open_end:
+                    add_text([self.eosp_token_id])
+            else:
+                text_ids = self._tokenize(piece.text)
+                if not text_ids:
+                    raise ValueError("The transcript of an assistant speech turn tokenizes to nothing.")
+                text_ids = text_ids + [self.eot_token_id]
+                clip = next(patches)
+                text_chunks = [text_ids[i : i + STREAM_TEXT_CHUNK] for i in range(0, len(text_ids), STREAM_TEXT_CHUNK)]
+                audio_chunks = list(clip.split(STREAM_AUDIO_CHUNK))
+                add_text([self.sostm_token_id])
+                for index in range(max(len(text_chunks), len(audio_chunks))):
+                    # Pairs of (text chunk, audio chunk) while both last, then the rest of the longer one.
+                    if index < len(text_chunks):
+                        add_text(text_chunks[index])
+                    if index < len(audio_chunks):
+                        add_patches(audio_chunks[index])
+                add_text([self.eostm_token_id])
+
+        empty_patch = torch.tensor(self.audio_empty_ids).expand(self.group_size, -1)
+        text = torch.cat([ids for ids, _ in segments])
+        audio = torch.cat([clip if clip is not None else empty_patch.expand(ids.shape[0], -1, -1) for ids, clip in segments])
+        return text, audio
+
+    # ---------------------------------------------------------------------------------------------- outputs -> text
+
+    def batch_decode(
+        self,
+        sequences,
+        audio_sequences: torch.Tensor | None = None,
+        prompt_length: int = 0,
+        skip_special_tokens: bool = False,
+        decode_audio: bool = True,
+    ) -> MiMoAudioDecodedOutput:
+        """
+        Text and speech of generated sequences.
+
+        Args:
+            sequences: `generate`'s output (an object with `sequences` and `audio_sequences`) or the text channel
+                `(batch, total_len)`.
+            audio_sequences (`(batch, total_len, group_size, audio_channels)`, *optional*): the patches, when
+                `sequences` is a tensor.
+            prompt_length (`int`): positions to skip at the start (the prompt, `inputs["input_ids"].shape[1]`).
+            skip_special_tokens (`bool`): drop every special token from the text. By default the text is cleaned as
+                the original does: `<|empty|>`, `<|eot|>` and `<|eostm|>` are removed, other tokens are kept.
+            decode_audio (`bool`): run the codec on the generated speech.
+
+        The text of a sample ends before its first end-of-text / padding / `<|im_end|>` token (the original drops
+        that final stop token too). Its speech is the patches after the first `<|sostm|>` (or from the start) and
+        before the first `<|eostm|>` (or to the end), frames whose first code is the empty id dropped, decoded in
+        segments of 1500 frames as the original does.
+        """
+        if hasattr(sequences, "sequences"):
+            if audio_sequences is not None:
+                raise ValueError("Pass either a generate output or tensors, not both.")
+            audio_sequences = getattr(sequences, "audio_sequences", None)
+            sequences = sequences.sequences
+        sequences = torch.as_tensor(sequences)
+        if sequences.ndim != 2:
+            raise ValueError(f"`sequences` must be (batch, length), got shape {tuple(sequences.shape)}.")
+        expected = (*sequences.shape, self.group_size, self.audio_channels)
+        if audio_sequences is not None and tuple(audio_sequences.shape) != expected:
+            raise ValueError(f"`audio_sequences` must have shape {expected}, got {tuple(audio_sequences.shape)}.")
+        if not 0 <= prompt_length <= sequences.shape[1]:
+            raise ValueError(f"`prompt_length` ({prompt_length}) must be within [0, {sequences.shape[1]}].")
+
+        texts, speech = [], []
+        for index in range(sequences.shape[0]):
+            text_ids = sequences[index, prompt_length:].cpu()
+            end = self._text_end(text_ids)
+            texts.append(self._clean_text(text_ids[:end], skip_special_tokens))
+            if audio_sequences is not None and decode_audio:
+                speech.append(self._speech_frames(text_ids[:end], audio_sequences[index, prompt_length:][:end].cpu()))
+        audios = [None] * len(texts)
+        clips = [index for index, frames in enumerate(speech) if frames.shape[0]]
+        for index, waveform in zip(clips, self.decode_codes([speech[index].T for index in clips])):
+            audios[index] = waveform
+        return MiMoAudioDecodedOutput(text=texts, audio=audios, sampling_rate=self.sampling_rate)
+
+    def decode(self, sequences, audio_sequences=None, prompt_length: int = 0, **kwargs):
+        """`batch_decode` for one sample (`(length,)` or `(1, length)`); returns `(text, waveform or None)`."""
+        if hasattr(sequences, "sequences"):
+            audio_sequences = getattr(sequences, "audio_sequences", None)
+            sequences = sequences.sequences
+        sequences = torch.as_tensor(sequences)
+        if sequences.ndim == 1:
+            sequences = sequences[None]
+            audio_sequences = None if audio_sequences is None else audio_sequences[None]
+        if sequences.shape[0] != 1:
+            raise ValueError(f"`decode` takes one sample, got a batch of {sequences.shape[0]}; use `batch_decode`.")
+        output = self.batch_decode(sequences, audio_sequences, prompt_length=prompt_length, **kwargs)
+        return output.text[0], output.audio[0]
+
+    def _text_end(self, text_ids: torch.Tensor) -> int:
+        stops = torch.tensor([self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.im_end_token_id])
+        hits = torch.isin(text_ids, stops).nonzero()
+        return int(hits[0, 0]) if hits.numel() else text_ids.shape[0]
+
+    def _clean_text(self, text_ids: torch.Tensor, skip_special_tokens: bool) -> str:
+        text = self.tokenizer.decode(text_ids.tolist(), skip_special_tokens=skip_special_tokens)
+        for token in (SPECIAL_TOKENS["empty_token"], SPECIAL_TOKENS["eot_token"], SPECIAL_TOKENS["eostm_token"]):
+            text = text.replace(token, "")
+        return text.strip()
+
+    def _speech_frames(self, text_ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The generated speech frames `(frames, audio_channels)` of one sample."""
+        starts = (text_ids == self.sostm_token_id).nonzero()
+        ends = (text_ids == self.eostm_token_id).nonzero()
+        start = int(starts[0, 0]) + 1 if starts.numel() else 0
+        end = int(ends[0, 0]) if ends.numel() else text_ids.shape[0]
+        frames = patches[start:end].reshape(-1, self.audio_channels) if end > start else patches[:0].reshape(0, self.audio_channels)
+        frames = frames[frames[:, 0] != self.audio_empty_ids[0]]
+        if (frames < 0).any() or (frames >= torch.tensor(self.audio_empty_ids)).any():
+            raise ValueError("The generated speech holds codes outside the codebooks (or empty ids inside a patch).")
+        return frames.long()
+
+    # ----------------------------------------------------------------------------------------------- codes -> audio
+
+    def decode_codes(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """
+        Codes of several clips, each `(audio_channels, frames)`, -> their waveforms `(samples,)` (float32, CPU).
+
+        As in the original, every clip is decoded in segments of 1500 frames whose audio is concatenated; all segments
+        go through the codec in one padded batch (each is decoded as if it were alone).
+        """
+        if not codes:
+            return []
+        if self.audio_tokenizer is None:
+            raise ValueError("Decoding speech needs the processor's `audio_tokenizer` (the codec).")
+        codec = self.audio_tokenizer
+        segments, owners = [], []
+        for clip, clip_codes in enumerate(codes):
+            for start in range(0, clip_codes.shape[-1], DECODE_SEGMENT_FRAMES):
+                segments.append(clip_codes[:, start : start + DECODE_SEGMENT_FRAMES])
+                owners.append(clip)
+        lengths = torch.tensor([segment.shape[-1] for segment in segments])
+        batch = torch.stack([torch.nn.functional.pad(s, (0, int(lengths.max()) - s.shape[-1])) for s in segments])
+        mask = (torch.arange(batch.shape[-1])[None] < lengths[:, None]).long()
+        with torch.no_grad():
+            decoded = codec.decode(batch.to(codec.device), mask.to(codec.device))
+        values, value_lengths = decoded.audio_values[:, 0].float().cpu(), decoded.audio_values_lengths.cpu()
+        pieces = [[] for _ in codes]
+        for index, clip in enumerate(owners):
+            pieces[clip].append(values[index, : int(value_lengths[index])])
+        return [torch.cat(clip_pieces) for clip_pieces in pieces]
+
+    def stream_audio(
+        self,
+        steps: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+        chunk_frames: int = 25,
+        left_overlap: int | None = None,
+        right_overlap: int | None = None,
+    ) -> Iterator[list[torch.Tensor]]:
+        """
+        Turn streamed generation steps into waveform chunks with the codec's streaming decode.
+
+        Args:
+            steps: `(text_ids (batch,), audio_ids (batch, group_size, audio_channels))` per generated position, e.g.
+                a `MiMoAudioStreamer` (with `skip_prompt=True`) that `generate` fills from another thread.
+            chunk_frames (`int`, defaults to 25): speech frames (25 per second) a sample collects before they are
+                decoded.
+            left_overlap, right_overlap (`int`, *optional*): the codec's streaming context in frames (defaults from its
+                config, 250 / 40 for the released codec).
+
+        Yields:
+            whenever some sample has new audio, a list with one float32 CPU waveform `(samples,)` per sample (empty
+            for samples without new audio). A sample's speech is every patch it generates before its first
+            `<|eostm|>`, end-of-text, padding or `<|im_end|>` token; the concatenation of its chunks is its whole
+            speech, decoded as the codec's `streaming_decode` does.
+        """
+        if self.audio_tokenizer is None:
+            raise ValueError("Streaming speech needs the processor's `audio_tokenizer` (the codec).")
+        if chunk_frames < 1:
+            raise ValueError(f"`chunk_frames` must be positive, got {chunk_frames}.")
+        codec = self.audio_tokenizer
+        stops = {self.eostm_token_id, self.im_end_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        pending, caches, finished = [], [], []
+
+        def decode(index: int, last: bool) -> torch.Tensor:
+            codes = torch.cat(pending[index]) if pending[index] else torch.zeros(0, self.audio_channels, dtype=torch.long)
+            output = codec.streaming_decode(
+                codes.T[None].to(codec.device),
+                cache=caches[index],
+                is_last_chunk=last,
+                left_overlap=left_overlap,
+                right_overlap=right_overlap,
+            )
+            pending[index], caches[index] = [], output.cache
+            return output.audio_values[0, 0, : int(output.audio_values_lengths[0])].float().cpu()
+
+        def has_audio(index: int) -> bool:
+            return bool(pending[index]) or caches[index] is not None
+
+        empty_first = self.audio_empty_ids[0]
+        for text_ids, audio_ids in steps:
+            text_ids = torch.as_tensor(text_ids).reshape(-1).cpu()
+            if not pending:
+                pending, caches, finished = [[] for _ in text_ids], [None] * len(text_ids), [False] * len(text_ids)
+            chunk = [torch.zeros(0) for _ in text_ids]
+            for index, token in enumerate(text_ids.tolist()):
+                if finished[index]:
+                    continue
+                if token in stops:
+                    finished[index] = True
+                    if has_audio(index):
+                        chunk[index] = decode(index, last=True)
+                elif token == self.empty_token_id and audio_ids is not None:
+                    frames = torch.as_tensor(audio_ids)[index].reshape(-1, self.audio_channels).cpu().long()
+                    pending[index].append(frames[frames[:, 0] != empty_first])
+                    if sum(part.shape[0] for part in pending[index]) >= chunk_frames:
+                        chunk[index] = decode(index, last=False)
+            if any(piece.numel() for piece in chunk):
+                yield chunk
+        final = [
+            decode(index, last=True) if not finished[index] and has_audio(index) else torch.zeros(0)
+            for index in range(len(pending))
+        ]
+        if any(piece.numel() for piece in final):
+            yield final
+
+    def save_audio(self, audio, path, sampling_rate: int | None = None):
+        """Write one waveform (or a list of waveforms) to `path` (or a list of paths) with soundfile."""
+        audios = audio if isinstance(audio, (list, tuple)) else [audio]
+        paths = path if isinstance(path, (list, tuple)) else [path]
+        if len(audios) != len(paths):
+            raise ValueError(f"Got {len(audios)} waveforms but {len(paths)} paths.")
+        for waveform, target in zip(audios, paths):
+            if waveform is None:
+                raise ValueError(f"No audio to save to {target!r} (the sample generated no speech).")
+            waveform = torch.as_tensor(waveform).detach().float().cpu().reshape(-1)
+            sf.write(os.fspath(target), waveform.numpy(), sampling_rate or self.sampling_rate)
