@@ -190,6 +190,7 @@ class MiMoAudioConfig(PreTrainedConfig):
         if self.audio_loss_weights is None:
             extra = max(self.audio_channels - len(_DEFAULT_AUDIO_LOSS_WEIGHTS), 0)
             self.audio_loss_weights = _DEFAULT_AUDIO_LOSS_WEIGHTS[: self.audio_channels] + [1.0] * extra
+        self.validate_architecture()  # raise a plain ValueError early, before the strict-dataclass wrapper
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
