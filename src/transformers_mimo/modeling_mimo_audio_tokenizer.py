@@ -169,7 +169,7 @@ def _lengths_from_mask(
     if not isinstance(mask, torch.Tensor) or mask.shape != (batch_size, length):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"`{name}` must have shape ({batch_size}, {length}), got {shape}.")
-    if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
         raise ValueError(f"`{name}` must hold only 0/1 (or bool) values.")
     lengths = mask.to(device=device, dtype=torch.long).sum(-1)
     if not torch.equal(mask.to(device=device, dtype=torch.bool), _sequence_mask(lengths, length)):
@@ -402,8 +402,8 @@ class MiMoAudioTokenizerEncoder(MiMoAudioTokenizerTransformer):
         """`input_features (batch, n_mels, frames)`, `lengths (batch,)` -> `(hidden (batch, T, d_model), T lengths)`.
         Padded positions are zeroed between the stages, so each item is computed as if it were alone."""
         config = self.config
-        hidden = input_features.to(self.conv1.weight.dtype)
-        hidden = hidden * _sequence_mask(lengths, hidden.shape[-1]).unsqueeze(1)
+        valid = _sequence_mask(lengths, input_features.shape[-1]).unsqueeze(1)
+        hidden = torch.where(valid, input_features, 0).to(self.conv1.weight.dtype)
         hidden = F.gelu(self.conv1(hidden))
         lengths = lengths + 3 - config.kernel_size
         hidden = hidden * _sequence_mask(lengths, hidden.shape[-1]).unsqueeze(1)
