@@ -1,0 +1,484 @@
+"""Patch-level `generate()` of MiMoAudioForConditionalGeneration against the original's recorded generations.
+
+Golden grids `[C+1, frames]` are converted to our inputs: the text id at each group's first frame
+(`grid[0, ::group_size]`) and the audio `grid[1:].T.reshape(positions, group_size, C)`.
+
+Tolerances:
+* fp32: generated ids (text tokens, 4xC patches, whole grids) must be EXACT; per-step text logits and patch decoder
+  logits within 1e-4 abs (logits of magnitude ~1-10; the goldens' own 1-vs-2-thread noise is 2.9e-6).
+* bf16: per-step logits within 0.1 abs (about 1.5 bf16 ulps at magnitudes 8-16, ~1% of the largest logit). Greedy
+  trajectories may leave the golden one at a near-tie, so the generate() path is compared on the steps whose inputs
+  still agree, and the whole golden trajectory is checked teacher-forced.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import GOLDEN
+from safetensors.torch import load_file
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
+from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
+
+
+CASES = ["lm_a", "lm_b"]
+PROMPTS = ["text", "asr", "icl"]
+RUNS = ["gen_nostop", "gen_stop"]
+FP32_ATOL = 1e-4
+BF16_ATOL = 0.1
+
+
+def grid_to_inputs(grid: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original frame grid `[C+1, frames]` -> `input_ids (1, T)`, `audio_input_ids (1, T, group_size, C)`."""
+    grid = grid.long()
+    channels = grid.shape[0] - 1
+    positions = grid.shape[1] // group_size
+    text = grid[0, ::group_size]
+    audio = grid[1:].T.reshape(positions, group_size, channels)
+    return text[None], audio[None]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            tensors = load_file(GOLDEN / case / "golden.safetensors")
+            manifest = json.loads((GOLDEN / case / "manifest.json").read_text())
+            cache[case] = (tensors, manifest)
+        return cache[case]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(case, dtype=torch.float32):
+        if (case, dtype) not in cache:
+            model = MiMoAudioForConditionalGeneration.from_pretrained(
+                GOLDEN / case / "checkpoint", attn_implementation="sdpa", dtype=dtype
+            )
+            cache[case, dtype] = model.eval()
+        return cache[case, dtype]
+
+    return get
+
+
+def generation_kwargs(manifest, dtype_key, prompt, run):
+    """The original runs' settings in LLM positions: 12 new groups; gen_stop adds stop ids and min_new_tokens."""
+    kwargs = {"max_new_tokens": manifest["generation"]["max_new_tokens"], "do_sample": False}
+    if run == "gen_nostop":
+        kwargs["eos_token_id"] = None  # the original's no-stop run ignores every stop id
+    else:
+        info = manifest["info"][dtype_key]["prompts"][prompt]["gen_stop"]
+        kwargs["eos_token_id"] = info["stop_tokens"]
+        kwargs["min_new_tokens"] = info["min_new_tokens"]
+        kwargs["pad_token_id"] = manifest["special_token_ids"]["<|endoftext|>"]
+    return kwargs
+
+
+def stacked_audio(per_step, sample=0):
+    """Output `audio_logits`/`audio_scores` -> one `(steps, group_size, vocab_c)` tensor per codebook."""
+    channels = len(per_step[0])
+    return [torch.stack([step[channel][sample] for step in per_step]) for channel in range(channels)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp32 parity with the original (exact ids)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generation_matches_original_fp32(case, prompt, run, models, golden):
+    tensors, manifest = golden(case)
+    model = models(case)
+    group_size = model.config.group_size
+    key = f"fp32.{prompt}.{run}"
+    input_ids, audio_input_ids = grid_to_inputs(tensors[f"{prompt}.input_ids_grid"], group_size)
+    prompt_length = input_ids.shape[1]
+
+    out = model.generate(
+        input_ids,
+        audio_input_ids,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        **generation_kwargs(manifest, "fp32", prompt, run),
+    )
+    assert isinstance(out, MiMoAudioGenerateOutput)
+
+    # whole grid (prompt + generated), exact
+    expected_ids, expected_audio = grid_to_inputs(tensors[f"{key}.generated_grid"], group_size)
+    assert out.sequences.shape == expected_ids.shape
+    assert torch.equal(out.sequences, expected_ids)
+    assert torch.equal(out.audio_sequences, expected_audio)
+
+    # per step: text token, speech flag, 4xC patch
+    step_tokens = tensors[f"{key}.step_text_token"]
+    num_steps = step_tokens.shape[0]
+    assert out.sequences.shape[1] - prompt_length == num_steps == len(out.logits) == len(out.audio_logits)
+    assert torch.equal(out.sequences[0, prompt_length:], step_tokens)
+    assert torch.equal(out.audio_sequences[0, prompt_length:], tensors[f"{key}.step_local_tokens"])
+    is_speech = tensors[f"{key}.step_is_speech"].bool()
+    assert torch.equal(step_tokens == model.config.empty_token_id, is_speech)
+
+    # raw per-step logits
+    text_logits = torch.stack(out.logits)[:, 0]
+    torch.testing.assert_close(text_logits, tensors[f"{key}.step_text_logits"], rtol=0, atol=FP32_ATOL)
+    for channel, ours in enumerate(stacked_audio(out.audio_logits)):
+        reference = tensors[f"{key}.step_local_logits_ch{channel}"]
+        # NaN rows mark steps without a patch, as in the goldens
+        assert torch.equal(ours.isnan().all(-1).all(-1), ~is_speech)
+        torch.testing.assert_close(ours, reference, rtol=0, atol=FP32_ATOL, equal_nan=True)
+
+    # the min-length rule: stop ids get -inf exactly on the steps where the original removed them
+    scores = torch.stack(out.scores)[:, 0]
+    if run == "gen_stop":
+        stop_ids = manifest["info"]["fp32"]["prompts"][prompt]["gen_stop"]["stop_tokens"]
+        removed = tensors[f"{key}.step_stop_tokens_removed"].bool()
+        banned = torch.isneginf(scores[:, stop_ids]).all(-1)
+        assert torch.equal(banned, removed)
+        assert removed.any()
+        assert step_tokens[-1].item() in stop_ids or num_steps == manifest["generation"]["max_new_tokens"]
+    else:
+        assert not torch.isneginf(scores).any()
+
+
+def test_min_new_tokens_bans_stop_ids_that_would_win(models, golden):
+    """Without `min_new_tokens`, the stop id the original removed at a banned step wins, so generation ends earlier."""
+    tensors, manifest = golden("lm_a")
+    model = models("lm_a")
+    key = "fp32.icl.gen_stop"
+    kwargs = generation_kwargs(manifest, "fp32", "icl", "gen_stop")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
+    removed = tensors[f"{key}.step_stop_tokens_removed"].bool()
+    logits = tensors[f"{key}.step_text_logits"]
+    stop_ids = kwargs["eos_token_id"]
+    # first banned step at which a stop id is the raw argmax
+    first = next(step for step in range(len(removed)) if removed[step] and logits[step].argmax().item() in stop_ids)
+    kwargs.pop("min_new_tokens")
+    out = model.generate(input_ids, audio_input_ids, **kwargs)
+    assert out.sequences.shape[1] - input_ids.shape[1] == first + 1
+    assert out.sequences[0, -1].item() == logits[first].argmax().item()
+    assert torch.equal(out.sequences[0, input_ids.shape[1] : -1], tensors[f"{key}.step_text_token"][:first])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_logits_match_original(case, models, golden):
+    tensors, manifest = golden(case)
+    model = models(case, torch.bfloat16)
+    group_size = model.config.group_size
+    for prompt in PROMPTS:
+        input_ids, audio_input_ids = grid_to_inputs(tensors[f"{prompt}.input_ids_grid"], group_size)
+        prompt_length = input_ids.shape[1]
+        for run in RUNS:
+            key = f"bf16.{prompt}.{run}"
+            step_tokens = tensors[f"{key}.step_text_token"]
+            step_patches = tensors[f"{key}.step_local_tokens"]
+            text_reference = tensors[f"{key}.step_text_logits"].float()
+
+            # generate(): compare the steps whose inputs still agree with the golden trajectory
+            out = model.generate(
+                input_ids,
+                audio_input_ids,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **generation_kwargs(manifest, "bf16", prompt, run),
+            )
+            generated = out.sequences.shape[1] - prompt_length
+            agree = 0
+            while (
+                agree < min(generated, len(step_tokens))
+                and out.sequences[0, prompt_length + agree] == step_tokens[agree]
+                and torch.equal(out.audio_sequences[0, prompt_length + agree], step_patches[agree])
+            ):
+                agree += 1
+            assert agree >= 1, f"{case} {key}: the first step already differs"
+            checked = min(agree + 1, generated)  # logits of the first differing step still see golden inputs
+            text_logits = torch.stack(out.logits)[:checked, 0].float()
+            torch.testing.assert_close(text_logits, text_reference[:checked], rtol=0, atol=BF16_ATOL)
+            for channel, ours in enumerate(stacked_audio(out.audio_logits)):
+                reference = tensors[f"{key}.step_local_logits_ch{channel}"][:agree].float()
+                torch.testing.assert_close(ours[:agree].float(), reference, rtol=0, atol=BF16_ATOL, equal_nan=True)
+
+            # the whole golden trajectory, teacher-forced
+            full_ids, full_audio = grid_to_inputs(tensors[f"{key}.generated_grid"], group_size)
+            num_steps = full_ids.shape[1] - prompt_length
+            with torch.no_grad():
+                forced = model(
+                    input_ids=full_ids[:, :-1], audio_input_ids=full_audio[:, :-1], logits_to_keep=num_steps
+                )
+                torch.testing.assert_close(forced.logits[0].float(), text_reference, rtol=0, atol=BF16_ATOL)
+                is_speech = tensors[f"{key}.step_is_speech"].bool()
+                if is_speech.any():
+                    audio_logits = model.teacher_forced_audio_logits(
+                        forced.last_hidden_state[0][is_speech], full_audio[0, prompt_length:][is_speech]
+                    )
+                    for channel, ours in enumerate(audio_logits):
+                        reference = tensors[f"{key}.step_local_logits_ch{channel}"][is_speech].float()
+                        torch.testing.assert_close(ours.float(), reference, rtol=0, atol=BF16_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches, sampling, controls
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def left_padded_batch(model, tensors, pad_token_id):
+    prompts = [grid_to_inputs(tensors[f"{prompt}.input_ids_grid"], model.config.group_size) for prompt in PROMPTS]
+    length = max(ids.shape[1] for ids, _ in prompts)
+    empty = torch.tensor(model.config.audio_empty_ids)
+    input_ids = torch.full((len(prompts), length), pad_token_id)
+    audio_input_ids = empty.expand(len(prompts), length, model.config.group_size, len(empty)).clone()
+    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, (ids, audio) in enumerate(prompts):
+        input_ids[row, length - ids.shape[1] :] = ids[0]
+        audio_input_ids[row, length - ids.shape[1] :] = audio[0]
+        attention_mask[row, length - ids.shape[1] :] = 1
+    return prompts, input_ids, audio_input_ids, attention_mask
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_left_padded_batch_equals_each_sample_alone(case, models, golden):
+    tensors, manifest = golden(case)
+    model = models(case)
+    pad = manifest["special_token_ids"]["<|endoftext|>"]
+    stop_ids = [pad, manifest["special_token_ids"]["<|im_end|>"], manifest["special_token_ids"]["<|eostm|>"]]
+    kwargs = {"max_new_tokens": 12, "eos_token_id": stop_ids, "pad_token_id": pad}
+    prompts, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, pad)
+    batch = model.generate(input_ids, audio_input_ids, attention_mask=attention_mask, **kwargs)
+    length = input_ids.shape[1]
+    empty_patch = torch.tensor(model.config.audio_empty_ids).expand(model.config.group_size, -1)
+    chose_audio = set()
+    for row, (ids, audio) in enumerate(prompts):
+        alone = model.generate(ids, audio, **kwargs)
+        new_tokens = alone.sequences[0, ids.shape[1] :]
+        new_patches = alone.audio_sequences[0, ids.shape[1] :]
+        count = new_tokens.shape[0]
+        assert torch.equal(batch.sequences[row, length : length + count], new_tokens)
+        assert torch.equal(batch.audio_sequences[row, length : length + count], new_patches)
+        # a finished sample stays padded
+        assert (batch.sequences[row, length + count :] == pad).all()
+        assert (batch.audio_sequences[row, length + count :] == empty_patch).all()
+        chose_audio |= {(step, bool(token == model.config.empty_token_id)) for step, token in enumerate(new_tokens)}
+    # the samples chose text and audio at the same step (each decides for itself)
+    steps_with_both = {step for step, is_audio in chose_audio if is_audio} & {
+        step for step, is_audio in chose_audio if not is_audio
+    }
+    assert steps_with_both
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
+    sampling = {
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_k": 0,
+        "audio_temperature": 1.5,
+        "max_new_tokens": 10,
+        "eos_token_id": None,
+    }
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(model.generate(input_ids, audio_input_ids, **sampling))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert torch.equal(runs[0].audio_sequences, runs[1].audio_sequences)
+    assert not torch.equal(runs[0].audio_sequences, runs[2].audio_sequences)
+
+    greedy = model.generate(input_ids, audio_input_ids, max_new_tokens=10, eos_token_id=None)
+    torch.manual_seed(2)
+    top1 = model.generate(input_ids, audio_input_ids, **{**sampling, "top_k": 1, "audio_top_k": 1})
+    assert torch.equal(top1.sequences, greedy.sequences)
+    assert torch.equal(top1.audio_sequences, greedy.audio_sequences)
+
+    # audio sampled, text greedy: the text channel stays greedy until the first sampled patch feeds back
+    torch.manual_seed(3)
+    mixed = model.generate(input_ids, audio_input_ids, max_new_tokens=10, eos_token_id=None, audio_do_sample=True)
+    prompt_length = input_ids.shape[1]
+    assert mixed.sequences[0, prompt_length] == greedy.sequences[0, prompt_length]
+
+
+def test_sampled_audio_never_emits_empty_ids(models, golden):
+    """High-temperature sampling of many patches: empty ids never appear at audio positions, always elsewhere."""
+    tensors, _ = golden("lm_b")
+    model = models("lm_b")
+    config = model.config
+    _, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, 400)
+    torch.manual_seed(0)
+    empty_bias = torch.zeros(config.text_config.vocab_size)
+    empty_bias[config.empty_token_id] = 30.0
+
+    class PreferAudio(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + empty_bias
+
+    out = model.generate(
+        input_ids,
+        audio_input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=16,
+        eos_token_id=None,
+        do_sample=True,
+        audio_temperature=5.0,
+        logits_processor=LogitsProcessorList([PreferAudio()]),
+    )
+    new_text = out.sequences[:, input_ids.shape[1] :]
+    new_audio = out.audio_sequences[:, input_ids.shape[1] :]
+    empty = torch.tensor(config.audio_empty_ids)
+    is_audio = new_text == config.empty_token_id
+    assert is_audio.sum() >= 40
+    assert not (new_audio[is_audio] == empty).any()
+    assert (new_audio[~is_audio] == empty).all()
+
+
+def test_user_logits_processor_and_stopping_criteria(models, golden):
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["text.input_ids_grid"], model.config.group_size)
+    forced = [7, model.config.empty_token_id, 9]
+
+    class ForceTokens(LogitsProcessor):
+        def __call__(self, ids, scores):
+            step = ids.shape[1] - input_ids.shape[1]
+            forced_scores = torch.full_like(scores, float("-inf"))
+            forced_scores[:, forced[step % len(forced)]] = 0.0
+            return forced_scores
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, ids, scores, **kwargs):
+            return torch.full((ids.shape[0],), ids.shape[1] - input_ids.shape[1] >= 5, dtype=torch.bool)
+
+    out = model.generate(
+        input_ids,
+        logits_processor=LogitsProcessorList([ForceTokens()]),
+        stopping_criteria=[StopAfter()],
+        max_new_tokens=20,
+        eos_token_id=None,
+    )
+    empty_token = model.config.empty_token_id
+    assert out.sequences[0, input_ids.shape[1] :].tolist() == [7, empty_token, 9, 7, empty_token]
+    empty = torch.tensor(model.config.audio_empty_ids)
+    new_audio = out.audio_sequences[0, input_ids.shape[1] :]
+    assert (new_audio[[0, 2, 3]] == empty).all()
+    assert not (new_audio[[1, 4]] == empty).any()
+
+
+def test_max_new_tokens_counts_llm_positions_and_text_only_prompt_default(models, golden):
+    tensors, manifest = golden("lm_b")
+    model = models("lm_b")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["text.input_ids_grid"], model.config.group_size)
+    # a text-only prompt: audio_input_ids may be omitted (all empty ids)
+    with_audio = model.generate(input_ids, audio_input_ids, max_new_tokens=7, eos_token_id=None)
+    without = model.generate(input_ids, max_new_tokens=7, eos_token_id=None)
+    assert with_audio.sequences.shape == (1, input_ids.shape[1] + 7)
+    assert with_audio.audio_sequences.shape == (1, input_ids.shape[1] + 7, 4, 8)
+    assert torch.equal(with_audio.sequences, without.sequences)
+    assert torch.equal(with_audio.audio_sequences, without.audio_sequences)
+    expected = tensors["fp32.text.gen_nostop.step_text_token"][:7]
+    assert torch.equal(without.sequences[0, input_ids.shape[1] :], expected)
+    # without return_dict_in_generate, no scores or cache
+    assert without.scores is None and without.logits is None and without.cache is None
+
+
+def test_streamers_receive_every_step(models, golden):
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["asr.input_ids_grid"], model.config.group_size)
+    streamer = MiMoAudioStreamer()
+    out = model.generate(input_ids, audio_input_ids, max_new_tokens=6, eos_token_id=None, streamer=streamer)
+    items = list(streamer)
+    assert len(items) == 6
+    for step, (text, patch) in enumerate(items):
+        assert torch.equal(text, out.sequences[:, input_ids.shape[1] + step])
+        assert torch.equal(patch, out.audio_sequences[:, input_ids.shape[1] + step])
+    assert any(bool(text == model.config.empty_token_id) for text, _ in items)
+
+    with_prompt = MiMoAudioStreamer(skip_prompt=False)
+    model.generate(input_ids, audio_input_ids, max_new_tokens=2, eos_token_id=None, streamer=with_prompt)
+    first, *rest = list(with_prompt)
+    assert torch.equal(first[0], input_ids) and first[1] is None and len(rest) == 2
+
+    class TextOnly(BaseStreamer):
+        def __init__(self):
+            self.values, self.ended = [], False
+
+        def put(self, value):
+            self.values.append(value)
+
+        def end(self):
+            self.ended = True
+
+    plain = TextOnly()
+    model.generate(input_ids, audio_input_ids, max_new_tokens=3, eos_token_id=None, streamer=plain)
+    assert plain.ended and len(plain.values) == 4
+    assert torch.equal(plain.values[0], input_ids)
+    assert torch.equal(torch.stack(plain.values[1:], dim=1), out.sequences[:, input_ids.shape[1] : input_ids.shape[1] + 3])
+
+
+def test_audio_controls_round_trip_through_generation_config(models, golden, tmp_path):
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
+    config = GenerationConfig(
+        audio_do_sample=True, audio_temperature=0.7, audio_top_k=1, audio_top_p=0.9, max_new_tokens=5
+    )
+    config._from_model_config = False  # otherwise the custom keys are dropped on reload
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert {key: saved[key] for key in ("audio_do_sample", "audio_temperature", "audio_top_k", "audio_top_p")} == {
+        "audio_do_sample": True,
+        "audio_temperature": 0.7,
+        "audio_top_k": 1,
+        "audio_top_p": 0.9,
+    }
+    reloaded = GenerationConfig.from_pretrained(tmp_path)
+    assert (reloaded.audio_do_sample, reloaded.audio_temperature, reloaded.audio_top_k, reloaded.audio_top_p) == (
+        True,
+        0.7,
+        1,
+        0.9,
+    )
+    original = model.generation_config
+    try:
+        model.generation_config = reloaded
+        torch.manual_seed(0)
+        from_config = model.generate(input_ids, audio_input_ids, eos_token_id=None)
+        # keyword arguments override the stored values
+        torch.manual_seed(0)
+        overridden = model.generate(input_ids, audio_input_ids, eos_token_id=None, audio_top_k=0, audio_temperature=3.0)
+    finally:
+        model.generation_config = original
+    greedy = model.generate(input_ids, audio_input_ids, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(from_config.audio_sequences, greedy.audio_sequences)  # top-1 sampling is greedy
+    assert not torch.equal(overridden.audio_sequences, greedy.audio_sequences)
+
+
+def test_bad_inputs_raise(models):
+    model = models("lm_a")
+    input_ids = torch.tensor([[401, 5, 6]])
+    with pytest.raises(ValueError, match="audio_input_ids"):
+        model.generate(input_ids, torch.zeros(1, 3, 4, 7, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(input_ids[0], max_new_tokens=1)
+    with pytest.raises(ValueError, match="audio_temperature"):
+        model.generate(input_ids, max_new_tokens=1, audio_temperature=0.0)
+    with pytest.raises(ValueError, match="audio_top_p"):
+        model.generate(input_ids, max_new_tokens=1, audio_top_p=1.5)
+    with pytest.raises(ValueError, match="greedy search or sampling"):
+        model.generate(input_ids, max_new_tokens=1, num_beams=2)
