@@ -1,6 +1,7 @@
 """MiMoAudioProcessor: prompt layouts (golden-exact), audio -> codes, padding, save/load, decoding, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -472,6 +473,85 @@ def test_stream_audio_matches_the_codec_streaming_decode(proc_a):
         expected.append(out.audio_values[0, 0, : out.audio_values_lengths[0]])
     assert streamed.shape == (20 * 960,)
     torch.testing.assert_close(streamed, torch.cat(expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", LM_CASES)
+def test_batch_decode_matches_the_original_forward_outputs(case):
+    """The original's recorded generations (fp32 no-stop runs) decode to its recorded text and waveform. Its wrapper
+    drops the last generated position (quirk 9), so that position is dropped here too; its text also runs past stop
+    tokens that were not active, where ours ends at the first end-of-text / `<|im_end|>`."""
+    golden, manifest = _golden(case)
+    processor = _processor(case)
+    group, channels = processor.group_size, processor.audio_channels
+    for prompt in ("text", "asr", "icl"):
+        grid = golden[f"fp32.{prompt}.gen_nostop.generated_grid"].long()
+        sequences = grid[0, ::group][None]
+        audio = grid[1:].T.reshape(-1, group, channels)[None]
+        prompt_length = golden[f"{prompt}.input_ids_grid"].shape[1] // group
+        output = processor.batch_decode(sequences[:, :-1], audio[:, :-1], prompt_length=prompt_length)
+        reference = manifest["info"]["fp32"]["prompts"][prompt]["gen_nostop"]
+        original_text = re.split(r"<\|im_end\|>|<\|endoftext\|>", reference["detokenized_text_returned_by_MimoAudio.forward"])[0]
+        assert output.text == [original_text], prompt
+        expected = golden[f"fp32.{prompt}.gen_nostop.e2e_wav"][0, 0]
+        assert output.audio[0].shape == expected.shape == (reference["e2e_wav_samples"],)
+        # same fp32 codec math; measured max difference 6e-8 on peaks ~0.1
+        torch.testing.assert_close(output.audio[0], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prompt", ["asr", "icl"])
+def test_end_to_end_processor_generate_decode(proc_a, prompt):
+    """Prompt from the processor -> model.generate (the lm_a checkpoint, greedy, 12 positions, no stop) -> the
+    original's recorded generation exactly -> batch_decode to the original's text."""
+    from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
+
+    golden, manifest = _golden("lm_a")
+    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa")
+    if prompt == "asr":
+        inputs = proc_a.asr(_codes_item(golden, "asr", 8))
+    else:
+        example = {
+            "input_audio": _codes_item(golden, "icl_in", 8),
+            "output_audio": _codes_item(golden, "icl_out", 8),
+            "output_text": "Hello, how are you today? I am fine.",
+        }
+        inputs = proc_a.in_context_learning(_codes_item(golden, "icl_query", 8), [example], "Speak in the same voice as the example.")
+    output = model.eval().generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    length = inputs["input_ids"].shape[1]
+    key = f"fp32.{prompt}.gen_nostop"
+    assert torch.equal(output.sequences[0, length:], golden[f"{key}.step_text_token"])
+    assert torch.equal(output.audio_sequences[0, length:], golden[f"{key}.step_local_tokens"])
+    decoded = proc_a.batch_decode(output, prompt_length=length)
+    reference = manifest["info"]["fp32"]["prompts"][prompt]["gen_nostop"]
+    assert decoded.text == [reference["detokenized_text_returned_by_MimoAudio.forward"]]
+    patches = golden[f"{key}.step_local_tokens"][golden[f"{key}.step_is_speech"].bool()]
+    (expected,) = proc_a.decode_codes([patches.reshape(-1, 8).T])
+    assert torch.equal(decoded.audio[0], expected)
+    assert expected.shape == (patches.shape[0] * 4 * 960,)
+
+
+def test_end_to_end_batch_with_audio_files(proc_a):
+    """Two conversations (a spoken question from a file, a text question) in one left-padded batch through
+    generate and batch_decode."""
+    from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
+
+    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa")
+    spoken = [{"role": "user", "content": [{"type": "audio", "path": str(AUDIO / "weather_today_zh.mp3")}]}]
+    written = [{"role": "user", "content": "What is the weather like in Beijing?"}]
+    inputs = proc_a.apply_chat_template([spoken, written], output_modality="audio")
+    assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()  # the spoken prompt is shorter
+    output = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    length = inputs["input_ids"].shape[1]
+    assert output.sequences.shape == (2, length + 6) and output.audio_sequences.shape == (2, length + 6, 4, 8)
+    decoded = proc_a.batch_decode(output, prompt_length=length)
+    stops = [proc_a.tokenizer.eos_token_id, proc_a.im_end_token_id]
+    for row in range(2):
+        generated = output.sequences[row, length:].tolist()
+        end = min([generated.index(stop) for stop in stops if stop in generated], default=len(generated))
+        text = proc_a.tokenizer.decode(generated[:end])
+        assert decoded.text[row] == text.replace("<|empty|>", "").replace("<|eot|>", "").replace("<|eostm|>", "").strip()
+        until = generated.index(proc_a.eostm_token_id) if proc_a.eostm_token_id in generated else len(generated)
+        speech = generated[:until].count(proc_a.empty_token_id)
+        assert (decoded.audio[row] is None) if speech == 0 else (decoded.audio[row].shape == (speech * 4 * 960,))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -815,10 +815,11 @@ class MiMoAudioProcessor(ProcessorMixin):
                 the original does: `<|empty|>`, `<|eot|>` and `<|eostm|>` are removed, other tokens are kept.
             decode_audio (`bool`): run the codec on the generated speech.
 
-        The text of a sample ends before its first end-of-text / padding / `<|im_end|>` token (the original drops
-        that final stop token too). Its speech is the patches after the first `<|sostm|>` (or from the start) and
-        before the first `<|eostm|>` (or to the end), frames whose first code is the empty id dropped, decoded in
-        segments of 1500 frames as the original does.
+        The text of a sample ends before its first end-of-text / padding / `<|im_end|>` token (the stop token, which
+        the original drops with the last generated position). Its speech is, as in the original, the patches after
+        the first `<|sostm|>` (or from the start) and before the first `<|eostm|>` (or to the end), frames whose first
+        code is the empty id dropped (text and padding positions hold empty ids), decoded in segments of 1500 frames.
+        Unlike the original, the last generated position is kept.
         """
         if hasattr(sequences, "sequences"):
             if audio_sequences is not None:
@@ -840,7 +841,7 @@ class MiMoAudioProcessor(ProcessorMixin):
             end = self._text_end(text_ids)
             texts.append(self._clean_text(text_ids[:end], skip_special_tokens))
             if audio_sequences is not None and decode_audio:
-                speech.append(self._speech_frames(text_ids[:end], audio_sequences[index, prompt_length:][:end].cpu()))
+                speech.append(self._speech_frames(text_ids, audio_sequences[index, prompt_length:].cpu()))
         audios = [None] * len(texts)
         clips = [index for index, frames in enumerate(speech) if frames.shape[0]]
         for index, waveform in zip(clips, self.decode_codes([speech[index].T for index in clips])):
