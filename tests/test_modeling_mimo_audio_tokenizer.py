@@ -264,7 +264,8 @@ def test_streaming_single_stream_matches_original(case):
     cache, start, pieces = None, 0, []
     for call in calls:
         (length,) = call["chunk_input_lengths"]
-        output = tokenizer.streaming_decode(codes[None, :, start : start + length], cache=cache, is_last_chunk=call["last_chunk"])
+        chunk = codes[None, :, start : start + length]
+        output = tokenizer.streaming_decode(chunk, cache=cache, is_last_chunk=call["last_chunk"])
         start += length
         assert isinstance(output.cache, MiMoAudioTokenizerStreamingCache)
         assert output.cache.processed_lengths == call["processed_lengths_after"]
@@ -286,7 +287,7 @@ def test_streaming_two_streams(case):
     do not depend on the batch: the stream whose input is the longest of its call (quirks T2/T3 touch the others)."""
     tokenizer, g = model(case), golden(case)
     info = manifest(case)["info"]["fp32"]["stream2"]
-    overlaps = {"left_overlap": info["streaming_config"]["left_overlap"], "right_overlap": info["streaming_config"]["right_overlap"]}
+    overlaps = {name: info["streaming_config"][name] for name in ("left_overlap", "right_overlap")}
     streams = [g["fp32.stream2.codes_stream0"], g["fp32.stream2.codes_stream1"]]
     cache, alone_caches, starts, kept = None, [None, None], [0, 0], [0, 0]
     compared_with_golden = 0
@@ -444,7 +445,9 @@ def test_windowed_attention_memory_is_linear(monkeypatch):
 
 def test_istft_center_padding_equals_torch_istft():
     torch.manual_seed(0)
-    config = MiMoAudioTokenizerConfig(vocoder_dim=16, vocoder_attention_heads=2, nfft=64, hop_length=16, vocoder_padding="center")
+    config = MiMoAudioTokenizerConfig(
+        vocoder_dim=16, vocoder_attention_heads=2, nfft=64, hop_length=16, vocoder_padding="center"
+    )
     head = MiMoAudioTokenizerISTFTHead(config)
     hidden = torch.randn(1, 20, 16)
     with torch.no_grad():

@@ -153,7 +153,8 @@ class MiMoAudioTokenizerConfig(PreTrainedConfig):
             )
         if self.encoder_skip_layer_id is not None and not 1 <= self.encoder_skip_layer_id <= self.encoder_layers:
             raise ValueError(
-                f"`encoder_skip_layer_id` must be in [1, {self.encoder_layers}] or None, got {self.encoder_skip_layer_id}."
+                f"`encoder_skip_layer_id` must be in [1, {self.encoder_layers}] or None, "
+                f"got {self.encoder_skip_layer_id}."
             )
         if self.vocoder_padding not in ("same", "center"):
             raise ValueError(f"`vocoder_padding` must be 'same' or 'center', got {self.vocoder_padding!r}.")

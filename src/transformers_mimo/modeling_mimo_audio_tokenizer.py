@@ -175,7 +175,8 @@ def _lengths_from_mask(
     if not torch.equal(mask.to(device=device, dtype=torch.bool), _sequence_mask(lengths, length)):
         raise ValueError(f"`{name}` must be right-padded: ones first, then zeros, in every row.")
     if not allow_empty and (lengths == 0).any():
-        raise ValueError(f"`{name}` marks no valid position for batch item(s) {(lengths == 0).nonzero().flatten().tolist()}.")
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        raise ValueError(f"`{name}` marks no valid position for batch item(s) {empty}.")
     return lengths
 
 
@@ -265,15 +266,16 @@ class MiMoAudioTokenizerAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=True)
 
     def _allowed(self, query_positions, key_positions, lengths):
-        """Boolean mask `(batch, *query_positions.shape[:-1]... )`: band, causality and key validity; a query always
-        sees itself, so padded queries never have an empty row."""
+        """Boolean mask `(batch, ..., queries, keys)` from positions `(..., queries)` and `(..., keys)`: the window,
+        causality and key validity. A query always sees itself, so padded queries never get an empty row."""
         relative = key_positions.unsqueeze(-2) - query_positions.unsqueeze(-1)
         allowed = torch.ones_like(relative, dtype=torch.bool)
         if self.left is not None:
             allowed &= relative >= -self.left
         if self.right is not None:
             allowed &= relative <= self.right
-        key_valid = (key_positions >= 0).unsqueeze(0) & (key_positions.unsqueeze(0) < lengths.view(-1, *[1] * key_positions.dim()))
+        lengths = lengths.view(-1, *[1] * key_positions.dim())
+        key_valid = (key_positions >= 0).unsqueeze(0) & (key_positions.unsqueeze(0) < lengths)
         return (allowed.unsqueeze(0) & key_valid.unsqueeze(-2)) | (relative == 0).unsqueeze(0)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings, lengths: torch.LongTensor) -> torch.Tensor:
@@ -290,17 +292,21 @@ class MiMoAudioTokenizerAttention(nn.Module):
         if implementation not in ATTENTION_FUNCTIONS:
             raise ValueError(f"MiMo-Audio tokenizer supports 'eager' and 'sdpa' attention, not {implementation!r}.")
         attention = ATTENTION_FUNCTIONS[implementation]
-        dropout = 0.0
 
-        if self.left is None or self.right is None:
+        unpadded = bool((lengths == length).all())
+        if implementation == "sdpa" and unpadded and self.left is None and self.right in (None, 0):
+            # Full (or causal) attention without padding: no mask, so SDPA can use its memory-efficient kernels.
+            output, _ = attention(self, query, key, value, None, scaling=self.scaling, is_causal=self.right == 0)
+        elif self.left is None or self.right is None:
             positions = torch.arange(length, device=hidden_states.device)
             mask = self._allowed(positions, positions, lengths).unsqueeze(1)
-            output, _ = attention(self, query, key, value, mask, scaling=self.scaling, dropout=dropout)
+            output, _ = attention(self, query, key, value, mask, scaling=self.scaling)
         else:
-            output = self._banded_attention(attention, query, key, value, lengths, dropout)
+            output = self._banded_attention(attention, query, key, value, lengths)
         return self.out_proj(output.reshape(batch_size, length, -1))
 
-    def _banded_attention(self, attention, query, key, value, lengths, dropout):
+    def _banded_attention(self, attention, query, key, value, lengths):
+        """Queries in blocks; each block attends only its band of `block + left + right` keys."""
         batch_size, num_heads, length, head_dim = query.shape
         block = max(self.left + self.right, 32)
         span = block + self.left + self.right
@@ -329,7 +335,6 @@ class MiMoAudioTokenizerAttention(nn.Module):
             fold_blocks(value),
             mask.reshape(batch_size * num_blocks, 1, block, span),
             scaling=self.scaling,
-            dropout=dropout,
         )
         return output.reshape(batch_size, num_blocks * block, num_heads, head_dim)[:, :length]
 
