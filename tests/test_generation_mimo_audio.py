@@ -176,6 +176,38 @@ def test_min_new_tokens_bans_stop_ids_that_would_win(models, golden):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_bf16_generate_path(model, tensors, manifest, prompt, input_ids, audio_input_ids):
+    """bf16 generate() (no-stop run): logits of the steps whose inputs still agree with the golden trajectory."""
+    key = f"bf16.{prompt}.gen_nostop"
+    prompt_length = input_ids.shape[1]
+    step_tokens = tensors[f"{key}.step_text_token"]
+    step_patches = tensors[f"{key}.step_local_tokens"]
+    out = model.generate(
+        input_ids,
+        audio_input_ids,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **generation_kwargs(manifest, "bf16", prompt, "gen_nostop"),
+    )
+    generated = out.sequences.shape[1] - prompt_length
+    assert generated == len(step_tokens)
+    agree = 0
+    while (
+        agree < generated
+        and out.sequences[0, prompt_length + agree] == step_tokens[agree]
+        and torch.equal(out.audio_sequences[0, prompt_length + agree], step_patches[agree])
+    ):
+        agree += 1
+    assert agree >= 1, f"{key}: the first step already differs"
+    checked = min(agree + 1, generated)  # the first differing step's text logits still see golden inputs
+    text_logits = torch.stack(out.logits)[:checked, 0].float()
+    reference = tensors[f"{key}.step_text_logits"][:checked].float()
+    torch.testing.assert_close(text_logits, reference, rtol=0, atol=BF16_ATOL)
+    for channel, ours in enumerate(stacked_audio(out.audio_logits)):
+        reference = tensors[f"{key}.step_local_logits_ch{channel}"][:agree].float()
+        torch.testing.assert_close(ours[:agree].float(), reference, rtol=0, atol=BF16_ATOL, equal_nan=True)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_logits_match_original(case, models, golden):
     tensors, manifest = golden(case)
@@ -185,36 +217,11 @@ def test_bf16_logits_match_original(case, models, golden):
         input_ids, audio_input_ids = grid_to_inputs(tensors[f"{prompt}.input_ids_grid"], group_size)
         prompt_length = input_ids.shape[1]
         for run in RUNS:
-            key = f"bf16.{prompt}.{run}"
-            step_tokens = tensors[f"{key}.step_text_token"]
-            step_patches = tensors[f"{key}.step_local_tokens"]
-            text_reference = tensors[f"{key}.step_text_logits"].float()
-
-            # generate(): compare the steps whose inputs still agree with the golden trajectory
-            out = model.generate(
-                input_ids,
-                audio_input_ids,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **generation_kwargs(manifest, "bf16", prompt, run),
-            )
-            generated = out.sequences.shape[1] - prompt_length
-            agree = 0
-            while (
-                agree < min(generated, len(step_tokens))
-                and out.sequences[0, prompt_length + agree] == step_tokens[agree]
-                and torch.equal(out.audio_sequences[0, prompt_length + agree], step_patches[agree])
-            ):
-                agree += 1
-            assert agree >= 1, f"{case} {key}: the first step already differs"
-            checked = min(agree + 1, generated)  # logits of the first differing step still see golden inputs
-            text_logits = torch.stack(out.logits)[:checked, 0].float()
-            torch.testing.assert_close(text_logits, text_reference[:checked], rtol=0, atol=BF16_ATOL)
-            for channel, ours in enumerate(stacked_audio(out.audio_logits)):
-                reference = tensors[f"{key}.step_local_logits_ch{channel}"][:agree].float()
-                torch.testing.assert_close(ours[:agree].float(), reference, rtol=0, atol=BF16_ATOL, equal_nan=True)
-
+            if run == "gen_nostop":
+                check_bf16_generate_path(model, tensors, manifest, prompt, input_ids, audio_input_ids)
             # the whole golden trajectory, teacher-forced
+            key = f"bf16.{prompt}.{run}"
+            text_reference = tensors[f"{key}.step_text_logits"].float()
             full_ids, full_audio = grid_to_inputs(tensors[f"{key}.generated_grid"], group_size)
             num_steps = full_ids.shape[1] - prompt_length
             with torch.no_grad():
