@@ -165,7 +165,8 @@ def test_audio_file_round_trip_through_codec(proc_a, tmp_path):
     array, rate = sf.read(path, dtype="float32", always_2d=True)
     (from_file,) = proc_a.encode_audio(str(path))
     (from_array,) = proc_a.encode_audio((torch.from_numpy(array.T.copy()), rate))
-    assert torch.equal(from_file, from_array)
+    (from_url,) = proc_a.encode_audio({"type": "audio", "url": path.resolve().as_uri()})
+    assert torch.equal(from_file, from_array) and torch.equal(from_file, from_url)
     mel_frames = int(np.ceil(array.shape[0] * 24000 / rate)) // 240 + 1
     code_frames = ((mel_frames - 1) // 2 + 1 + 1) // 2  # conv stride 2, then average pooling 2 (ceil)
     assert from_file.shape == (-(-code_frames // 4), 4, 8)
@@ -552,6 +553,33 @@ def test_end_to_end_batch_with_audio_files(proc_a):
         until = generated.index(proc_a.eostm_token_id) if proc_a.eostm_token_id in generated else len(generated)
         speech = generated[:until].count(proc_a.empty_token_id)
         assert (decoded.audio[row] is None) if speech == 0 else (decoded.audio[row].shape == (speech * 4 * 960,))
+
+
+def test_stream_audio_from_a_generate_streamer(proc_a):
+    """`generate` with a MiMoAudioStreamer in a thread -> stream_audio: the same chunks as streaming the finished
+    output's steps, and as many samples as the generated speech frames."""
+    from threading import Thread
+
+    from transformers_mimo.generation_mimo_audio import MiMoAudioStreamer
+    from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
+
+    golden, _ = _golden("lm_a")
+    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa")
+    inputs = proc_a.asr(_codes_item(golden, "asr", 8))
+    kwargs = {**inputs, "max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
+    streamer = MiMoAudioStreamer()
+    thread = Thread(target=model.eval().generate, kwargs={**kwargs, "streamer": streamer})
+    thread.start()
+    live = list(proc_a.stream_audio(streamer, chunk_frames=8, left_overlap=8, right_overlap=2))
+    thread.join()
+    output = model.generate(**kwargs, return_dict_in_generate=True)
+    length = inputs["input_ids"].shape[1]
+    steps = [(output.sequences[:, t], output.audio_sequences[:, t]) for t in range(length, output.sequences.shape[1])]
+    replayed = list(proc_a.stream_audio(steps, chunk_frames=8, left_overlap=8, right_overlap=2))
+    assert len(live) == len(replayed) > 1
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(live, replayed))
+    speech_steps = int(golden["fp32.asr.gen_nostop.step_is_speech"].sum())
+    assert sum(chunk[0].shape[0] for chunk in live) == speech_steps * 4 * 960
 
 
 # ------------------------------------------------------------------------------------------------ bad input
