@@ -144,6 +144,7 @@ def test_encode_matches_original_single_segment(case):
     assert output.audio_codes.dtype == torch.long
     assert torch.equal(output.audio_codes[0], expected_codes)
     assert torch.equal(output.audio_codes_mask, torch.ones(1, expected_codes.shape[1], dtype=torch.long))
+    assert output.audio_codes_mask.sum(-1).tolist() == g["fp32.encode_output_length"].tolist()
     torch.testing.assert_close(
         output.unquantized_hidden_states, g["fp32.encoder_hidden_states_unquantized"], atol=2e-5, rtol=0
     )
@@ -185,10 +186,17 @@ def test_rvq_decode_matches_original(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("quantizers, name", [(8, "decode_wav_q8"), (None, "decode_wav_all_q")])
-def test_decode_matches_original(case, quantizers, name):
+@pytest.mark.parametrize(
+    "codes_name, quantizers, name",
+    [
+        ("codes_single_segment", 8, "decode_wav_q8"),
+        ("codes_single_segment", None, "decode_wav_all_q"),
+        ("codes_multi_segment", 8, "decode_wav_q8_multi_segment_codes"),
+    ],
+)
+def test_decode_matches_original(case, codes_name, quantizers, name):
     g = golden(case)
-    codes = g["fp32.codes_single_segment"][None, :quantizers]
+    codes = g[f"fp32.{codes_name}"][None, :quantizers]
     output = model(case).decode(codes)
     expected = g[f"fp32.{name}"]
     assert output.audio_values.shape == expected.shape == (1, 1, codes.shape[-1] * 960)

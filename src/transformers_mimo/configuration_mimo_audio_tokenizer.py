@@ -28,7 +28,7 @@ class MiMoAudioTokenizerConfig(PreTrainedConfig):
         activation_function (`str`, defaults to `"gelu"`): activation of the feed-forward layers.
         encoder_layers, encoder_attention_heads, encoder_ffn_dim (`int`): encoder transformer sizes.
         encoder_skip_layer_id (`int`, *optional*, defaults to 3): the output of this (1-based) encoder layer is
-            added to the last layer's output before the final norm. `None` disables it.
+            added to the last layer's output before the final norm. `None` or 0 disables it (as in the original).
         encoder_causal (`bool`, defaults to `False`): causal encoder attention.
         encoder_attn_window_size (`list[int]`, defaults to `[-1, -1]`): `[left, right]` attention window of the
             encoder (a query at `i` sees keys `i-left .. i+right`); `-1` means unlimited.
@@ -151,9 +151,9 @@ class MiMoAudioTokenizerConfig(PreTrainedConfig):
                 f"`codebook_size` must give a positive size for each of the {self.num_quantizers} quantizers, "
                 f"got {self.codebook_size}."
             )
-        if self.encoder_skip_layer_id is not None and not 1 <= self.encoder_skip_layer_id <= self.encoder_layers:
+        if self.encoder_skip_layer_id is not None and not 0 <= self.encoder_skip_layer_id <= self.encoder_layers:
             raise ValueError(
-                f"`encoder_skip_layer_id` must be in [1, {self.encoder_layers}] or None, "
+                f"`encoder_skip_layer_id` must be in [0, {self.encoder_layers}] or None, "
                 f"got {self.encoder_skip_layer_id}."
             )
         if self.vocoder_padding not in ("same", "center"):

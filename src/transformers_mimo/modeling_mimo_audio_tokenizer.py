@@ -54,7 +54,8 @@ def convert_original_state_dict(
         if any(re.match(pattern, key) for pattern in ORIGINAL_IGNORED_KEYS):
             if key.endswith("istft.window"):
                 hann = torch.hann_window(config.nfft, dtype=torch.float32)
-                if tensor.shape != hann.shape or not torch.allclose(tensor.float().cpu(), hann, atol=1e-2):
+                # atol covers bf16 checkpoints, which store the window rounded to bf16.
+                if tensor.shape != hann.shape or not torch.allclose(tensor.float().cpu(), hann, atol=4e-3):
                     raise ValueError(f"`{key}` is not a periodic Hann window of length {config.nfft}.")
             ignored_keys.append(key)
             continue
@@ -419,7 +420,7 @@ class MiMoAudioTokenizerEncoder(MiMoAudioTokenizerTransformer):
         skip = None
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, position_embeddings, lengths)
-            if config.encoder_skip_layer_id is not None and index == config.encoder_skip_layer_id - 1:
+            if config.encoder_skip_layer_id and index == config.encoder_skip_layer_id - 1:
                 skip = hidden
         if skip is not None:
             hidden = hidden + skip
@@ -678,6 +679,9 @@ class MiMoAudioTokenizerModel(MiMoAudioTokenizerPreTrainedModel):
 
         Each item is cut into segments of `config.segment_length` frames (the last one shorter) that are encoded
         independently, as in the original, and the codes of its segments are concatenated.
+
+        Returns a [`MiMoAudioTokenizerEncoderOutput`]: `audio_codes (batch_size, num_quantizers, codes_length)`,
+        `audio_codes_mask (batch_size, codes_length)` and the encoder states before and after quantization.
         """
         config = self.config
         num_quantizers = self._check_num_quantizers(num_quantizers)
