@@ -16,7 +16,7 @@ from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoModelForTextToWaveform, DynamicCache
 
-from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
+from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration, MiMoAudioModel
 from transformers_mimo.configuration_mimo_audio import MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
 
 
@@ -191,6 +191,9 @@ def test_config_round_trip_and_auto_classes(tmp_path):
     reloaded_state = reloaded.state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded_state[name]), name
+    base = MiMoAudioModel.from_pretrained(tmp_path)  # the heads are left out on purpose
+    for name, tensor in model.model.state_dict().items():
+        assert torch.equal(tensor, base.state_dict()[name]), name
 
 
 def test_original_checkpoint_loads_with_all_weights():

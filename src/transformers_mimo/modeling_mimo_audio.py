@@ -75,6 +75,8 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # Checkpoint keys that loading this class leaves out on purpose (see `from_pretrained`).
+    _ignored_prefixes_on_load: tuple[str, ...] = ()
 
     def _set_patch_attn_implementation(self):
         """The patch transformers are plain modules: give their configs the model's attention implementation."""
@@ -97,6 +99,9 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
+        loading_info["unexpected_keys"] = {
+            key for key in loading_info.get("unexpected_keys") or [] if not key.startswith(cls._ignored_prefixes_on_load)
+        }
         problems = {
             kind: sorted(loading_info.get(kind) or [])
             for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -247,6 +252,9 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
     The Qwen2 backbone (`language_model`) with MiMo-Audio's input side: per-codebook `audio_embeddings` (shared with the
     patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
     """
+
+    # Loading it from a full checkpoint leaves out the heads.
+    _ignored_prefixes_on_load = ("lm_head.", "patch_decoder.")
 
     def __init__(self, config: MiMoAudioConfig):
         super().__init__(config)
