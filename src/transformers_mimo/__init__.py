@@ -82,3 +82,14 @@ from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
 
 
 AutoProcessor.register(MiMoAudioConfig, MiMoAudioProcessor, exist_ok=True)
+
+# --- fine-tuning and RL: quantization defaults, LoRA presets, SFT collator, log-probabilities ---
+from .training_mimo_audio import (
+    LORA_TARGET_MODULES,
+    QUANTIZATION_SKIP_MODULES,
+    UNQUANTIZED_MODULES,
+    MiMoAudioDataCollator,
+    MiMoAudioLogProbs,
+    compute_logprobs,
+    get_lora_target_modules,
+)
