@@ -414,7 +414,7 @@ def training_batch(config):
     return input_ids, audio, attention_mask, labels, audio_labels
 
 
-def reference_loss(model, input_ids, audio, attention_mask, labels, audio_labels):
+def reference_loss(model, input_ids, audio, attention_mask, labels, audio_labels, text_weight=100, weights=(12, 8, 6, 4, 2, 2, 1, 1)):
     """The official recipe written as plain loops over samples, positions, steps and codebooks."""
     config = model.config
     empty = config.empty_token_id
@@ -457,8 +457,7 @@ def reference_loss(model, input_ids, audio, attention_mask, labels, audio_labels
                         audio_sums[channel] = audio_sums[channel] + F.cross_entropy(channel_logits, code)
     text_loss = text_sum / text_count
     audio_losses = torch.stack([torch.as_tensor(total) / (patches * group) for total in audio_sums])
-    weights = [12, 8, 6, 4, 2, 2, 1, 1]
-    total = (100 * text_loss + sum(w * loss for w, loss in zip(weights, audio_losses))) / 136
+    total = (text_weight * text_loss + sum(w * loss for w, loss in zip(weights, audio_losses))) / (text_weight + sum(weights))
     return total, text_loss, audio_losses, patches
 
 
@@ -476,6 +475,75 @@ def test_loss_matches_reference_loop(case):
     torch.testing.assert_close(out.text_loss, text_loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.audio_loss, audio_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, total, atol=1e-5, rtol=0)
+
+
+def tiny_config(**overrides):
+    """A random-weight layout unlike the goldens: 3 codebooks, 3 frames per patch, unordered delays."""
+    settings = dict(
+        text_config={"vocab_size": 416, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8},
+        patch_encoder_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "num_key_value_heads": 2},
+        patch_decoder_config={"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
+                              "num_attention_heads": 3, "num_key_value_heads": 3},
+        group_size=3, audio_channels=3, audio_vocab_sizes=[20, 11, 7], audio_empty_ids=[19, 0, 6],
+        delay_pattern=[2, 0, 3], empty_token_id=405, text_loss_weight=10.0, audio_loss_weights=[3.0, 2.0, 0.5],
+    )  # fmt: skip
+    settings.update(overrides)
+    return MiMoAudioConfig(**settings)
+
+
+def test_loss_matches_reference_loop_on_another_layout():
+    torch.manual_seed(3)
+    model = MiMoAudioForConditionalGeneration(tiny_config()).eval()
+    assert model.patch_decoder.embeddings_proj is None  # widths coincide here
+    config = model.config
+    input_ids = torch.randint(0, 400, (2, 9))
+    input_ids[:, 2:5] = config.empty_token_id
+    input_ids[1, 7:9] = config.empty_token_id
+    audio = torch.stack(
+        [torch.randint(0, size, (2, 9, config.group_size)) for size in config.audio_vocab_sizes], dim=-1
+    )
+    labels, audio_labels = input_ids.clone(), audio.clone()
+    labels[0, :2] = -100
+    audio_labels[1, 3, 1, :] = -100
+    with torch.no_grad():
+        out = model(input_ids=input_ids, audio_input_ids=audio, labels=labels, audio_labels=audio_labels)
+        total, text_loss, audio_losses, patches = reference_loss(
+            model, input_ids, audio, None, labels, audio_labels, text_weight=10.0, weights=(3.0, 2.0, 0.5)
+        )
+    assert patches == 8 and out.audio_logits[1].shape == (8, 3, 11)  # 3 + 5 audio positions
+    torch.testing.assert_close(out.text_loss, text_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.audio_loss, audio_losses, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, total, atol=1e-5, rtol=0)
+
+
+def test_another_layout_batches_and_attention_implementations():
+    """Left-padded batch == single samples, eager == sdpa, and the causal/bidirectional patch encoder switch."""
+    torch.manual_seed(4)
+    config = tiny_config(input_full_attention=False)
+    model = MiMoAudioForConditionalGeneration(config).eval()
+    input_ids = torch.randint(0, 400, (1, 7))
+    input_ids[0, 2:6] = config.empty_token_id
+    audio = torch.stack([torch.randint(0, size, (1, 7, 3)) for size in config.audio_vocab_sizes], dim=-1)
+    padded_ids = torch.cat([torch.full((1, 3), 400), input_ids], dim=1)
+    padded_audio = torch.cat([audio[:, :3], audio], dim=1)
+    mask = torch.tensor([[0, 0, 0] + [1] * 7])
+    outputs = {}
+    for attn in ("eager", "sdpa"):
+        model.set_attn_implementation(attn)
+        assert model.config.patch_encoder_config._attn_implementation == attn
+        with torch.no_grad():
+            single = model(input_ids=input_ids, audio_input_ids=audio).logits
+            padded = model(input_ids=padded_ids, audio_input_ids=padded_audio, attention_mask=mask).logits
+            model.config.input_full_attention = True
+            bidirectional = model(input_ids=input_ids, audio_input_ids=audio).logits
+            model.config.input_full_attention = False
+        torch.testing.assert_close(padded[:, 3:], single, atol=1e-5, rtol=0)
+        assert (bidirectional - single).abs().max() > 1e-3
+        outputs[attn] = (single, bidirectional)
+    torch.testing.assert_close(outputs["eager"][0], outputs["sdpa"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs["eager"][1], outputs["sdpa"][1], atol=1e-5, rtol=0)
 
 
 def test_loss_without_audio_targets_is_the_text_loss():
