@@ -343,6 +343,16 @@ def test_batch_is_left_padded_and_each_row_equals_the_sample_alone(proc_a):
     helper_batch = proc_a.tts(["one", "two words here"])
     assert helper_batch["input_ids"].shape[0] == 2
     assert helper_batch["attention_mask"][0].sum() < helper_batch["attention_mask"][1].sum()
+    chats = proc_a.text_dialogue(["Hi", "What is the weather like in Beijing?"])
+    assert torch.equal(chats["input_ids"][1], alone[0]["input_ids"][0])
+    assert torch.equal(chats["input_ids"][0, -chats["attention_mask"][0].sum() :], proc_a.text_dialogue("Hi")["input_ids"][0])
+    spoken = [[{"role": "user", "content": [_codes_item(golden, "asr", 8)]}], [{"role": "user", "content": [_codes_item(golden, "icl_in", 8)]}]]
+    dialogues = proc_a.spoken_dialogue(spoken, system_prompt="Be brief.")
+    for row, conv in enumerate(spoken):
+        single = proc_a.spoken_dialogue(conv, system_prompt="Be brief.")
+        length = single["input_ids"].shape[1]
+        assert torch.equal(dialogues["input_ids"][row, -length:], single["input_ids"][0])
+        assert torch.equal(dialogues["audio_input_ids"][row, -length:], single["audio_input_ids"][0])
 
 
 # ------------------------------------------------------------------------------------------------ special tokens, save/load

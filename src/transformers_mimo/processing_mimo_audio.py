@@ -28,6 +28,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file, logging
 
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
 
 logger = logging.get_logger(__name__)
@@ -210,6 +211,50 @@ def _speech_continuation_pieces(audio: dict) -> list:
     return [_Speech(audio, open_end=True)]
 
 
+def _expand_pieces(pieces: list, tokenize, patches: Iterator[torch.Tensor], ids) -> list:
+    """
+    Positions of one prompt as segments `(text ids, patches or None)`: text pieces tokenized on their own, speech as
+    `<|sosp|>` + patches (`<|empty|>` in the text channel) + `<|eosp|>`, and the assistant speech stream as
+    `<|sostm|>`, (5 text tokens, 5 patches) pairs while both last, then the rest of the longer one, `<|eostm|>`,
+    with `<|eot|>` after the last text token (the original's streaming segment).
+
+    `patches` yields the patches `(num_patches, group_size, channels)` of the audio pieces in order; `ids` has the
+    special token ids (`sosp_token_id`, ...).
+    """
+    segments = []
+
+    def text(token_ids):
+        if token_ids:
+            segments.append((token_ids, None))
+
+    def speech(clip):
+        segments.append(([ids.empty_token_id] * clip.shape[0], clip))
+
+    for piece in pieces:
+        if isinstance(piece, _Text):
+            text(tokenize(piece.text))
+        elif isinstance(piece, _Speech):
+            text([ids.sosp_token_id])
+            speech(next(patches))
+            if not piece.open_end:
+                text([ids.eosp_token_id])
+        else:
+            text_ids = tokenize(piece.text)
+            if not text_ids:
+                raise ValueError("The transcript of an assistant speech turn tokenizes to nothing.")
+            text_ids = text_ids + [ids.eot_token_id]
+            text_chunks = [text_ids[i : i + STREAM_TEXT_CHUNK] for i in range(0, len(text_ids), STREAM_TEXT_CHUNK)]
+            audio_chunks = next(patches).split(STREAM_AUDIO_CHUNK)
+            text([ids.sostm_token_id])
+            for index in range(max(len(text_chunks), len(audio_chunks))):
+                if index < len(text_chunks):
+                    text(text_chunks[index])
+                if index < len(audio_chunks):
+                    speech(audio_chunks[index])
+            text([ids.eostm_token_id])
+    return segments
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,7 +331,12 @@ def _as_audio_item(audio, name: str) -> dict:
 
 
 def _is_batch(value) -> bool:
+    """Helper inputs: a list holds one input per sample (a tuple is one `(waveform, sampling_rate)` audio)."""
     return isinstance(value, list)
+
+
+def _is_conversation_batch(conversation) -> bool:
+    return isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -343,7 +393,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         audio_empty_ids: list[int] | None = None,
     ):
         if audio_empty_ids is None:
-            audio_empty_ids = [1024, 1024] + [128] * (audio_channels - 2)
+            audio_empty_ids = ([1024, 1024] + [128] * audio_channels)[:audio_channels]
         if group_size < 1 or audio_channels < 1:
             raise ValueError(f"`group_size` ({group_size}) and `audio_channels` ({audio_channels}) must be positive.")
         if len(audio_empty_ids) != audio_channels:
@@ -370,8 +420,6 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "audio_tokenizer":
-            from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
-
             if not isinstance(argument, MiMoAudioTokenizerModel):
                 raise TypeError(f"`audio_tokenizer` must be a MiMoAudioTokenizerModel, got {type(argument).__name__}.")
             return MiMoAudioTokenizerModel
@@ -380,8 +428,6 @@ class MiMoAudioProcessor(ProcessorMixin):
     @staticmethod
     def get_possibly_dynamic_module(module_name):
         if module_name == "MiMoAudioTokenizerModel":
-            from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
-
             return MiMoAudioTokenizerModel
         if module_name == "MiMoAudioFeatureExtractor":
             return MiMoAudioFeatureExtractor
@@ -426,15 +472,12 @@ class MiMoAudioProcessor(ProcessorMixin):
             **hub_kwargs,
         )
         if codec_config is not None:
-            from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
-
-            codec = MiMoAudioTokenizerModel.from_pretrained(
+            processor.audio_tokenizer = MiMoAudioTokenizerModel.from_pretrained(
                 pretrained_model_name_or_path, subfolder="audio_tokenizer", dtype=dtype, **hub_kwargs
             )
-            processor.audio_tokenizer = codec
-        if device is not None and processor.audio_tokenizer is not None:
-            processor.audio_tokenizer.to(device)
         if processor.audio_tokenizer is not None:
+            if device is not None or dtype is not None:
+                processor.audio_tokenizer.to(device=device, dtype=dtype)
             processor.audio_tokenizer.eval()
         return processor
 
@@ -488,8 +531,7 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("`conversation` must be a non-empty list of messages or a list of conversations.")
-        is_batch = isinstance(conversation[0], (list, tuple))
-        conversations = conversation if is_batch else [conversation]
+        conversations = conversation if _is_conversation_batch(conversation) else [conversation]
         batch = [
             _render_conversation(_check_conversation(conv, index), add_generation_prompt, output_modality, thinking)
             for index, conv in enumerate(conversations)
@@ -555,29 +597,33 @@ class MiMoAudioProcessor(ProcessorMixin):
         return self.apply_chat_template(conversations, thinking=thinking)
 
     def spoken_dialogue(
-        self, conversation: list[dict], system_prompt: str | None = None, voice=None, output_modality: str = "audio"
+        self, conversation, system_prompt: str | None = None, voice=None, output_modality: str = "audio"
     ) -> BatchFeature:
         """
         Spoken dialogue (instruct model). User turns are audio; earlier assistant turns are text (speech-to-text
         dialogue) or text + audio (spoken dialogue, laid out as the speech stream).
 
         Args:
-            conversation: the messages so far, ending with a user turn.
+            conversation: the messages so far, ending with a user turn (or a list of conversations for a batch).
             system_prompt: put at the start of the first user turn followed by a blank line, as the original does.
             voice: a voice prompt for the answer, given as a system turn "Your voice should be:" + audio.
             output_modality: `"audio"` (spoken answer, opens with `<|sostm|>`) or `"text"` (speech-to-text dialogue,
                 opens with an empty thinking block).
         """
-        conversation = _check_conversation(conversation, 0)
+        conversations = conversation if _is_conversation_batch(conversation) else [conversation]
         voice_item = None if voice is None else _as_audio_item(voice, "voice")
-        messages = _spoken_dialogue_messages(conversation, system_prompt, voice_item)
+        messages = [
+            _spoken_dialogue_messages(_check_conversation(conv, index), system_prompt, voice_item)
+            for index, conv in enumerate(conversations)
+        ]
         return self.apply_chat_template(messages, output_modality=output_modality)
 
-    def text_dialogue(self, conversation: list[dict] | str, thinking: bool = False) -> BatchFeature:
-        """Text chat (instruct model); a string is one user turn."""
-        if isinstance(conversation, str):
-            conversation = [{"role": "user", "content": conversation}]
-        return self.apply_chat_template(conversation, thinking=thinking)
+    def text_dialogue(self, conversation, thinking: bool = False) -> BatchFeature:
+        """Text chat (instruct model): messages, or a string as one user turn; a list of those for a batch."""
+        is_batch = _is_batch(conversation) and len(conversation) > 0 and not isinstance(conversation[0], dict)
+        conversations = conversation if is_batch else [conversation]
+        conversations = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
+        return self.apply_chat_template(conversations, thinking=thinking)
 
     def in_context_learning(self, audio, examples: list[dict], instruction: str) -> BatchFeature:
         """
@@ -753,43 +799,12 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     def _pieces_to_row(self, pieces: list, patches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One sample: text ids `(seq_len,)` and patches `(seq_len, group_size, audio_channels)`."""
-        segments = []  # (text ids, patches or None)
-
-        def add_text(token_ids):
-            if token_ids:
-                segments.append((torch.tensor(token_ids, dtype=torch.long), None))
-
-        def add_patches(clip):
-            segments.append((torch.full((clip.shape[0],), self.empty_token_id, dtype=torch.long), clip))
-
-        for piece in pieces:
-            if isinstance(piece, _Text):
-                add_text(self._tokenize(piece.text))
-            elif isinstance(piece, _Speech):
-                add_text([self.sosp_token_id])
-                add_patches(next(patches))
-                if not piece.open_end:
-                    add_text([self.eosp_token_id])
-            else:
-                text_ids = self._tokenize(piece.text)
-                if not text_ids:
-                    raise ValueError("The transcript of an assistant speech turn tokenizes to nothing.")
-                text_ids = text_ids + [self.eot_token_id]
-                clip = next(patches)
-                text_chunks = [text_ids[i : i + STREAM_TEXT_CHUNK] for i in range(0, len(text_ids), STREAM_TEXT_CHUNK)]
-                audio_chunks = list(clip.split(STREAM_AUDIO_CHUNK))
-                add_text([self.sostm_token_id])
-                for index in range(max(len(text_chunks), len(audio_chunks))):
-                    # Pairs of (text chunk, audio chunk) while both last, then the rest of the longer one.
-                    if index < len(text_chunks):
-                        add_text(text_chunks[index])
-                    if index < len(audio_chunks):
-                        add_patches(audio_chunks[index])
-                add_text([self.eostm_token_id])
-
+        segments = _expand_pieces(pieces, self._tokenize, patches, self)
         empty_patch = torch.tensor(self.audio_empty_ids).expand(self.group_size, -1)
-        text = torch.cat([ids for ids, _ in segments])
-        audio = torch.cat([clip if clip is not None else empty_patch.expand(ids.shape[0], -1, -1) for ids, clip in segments])
+        text = torch.tensor([token for token_ids, _ in segments for token in token_ids], dtype=torch.long)
+        audio = torch.cat(
+            [clip if clip is not None else empty_patch.expand(len(ids), -1, -1) for ids, clip in segments]
+        )
         return text, audio
 
     # ---------------------------------------------------------------------------------------------- outputs -> text
