@@ -251,6 +251,7 @@ def test_convert_checkpoint_with_codec(tmp_path):
     assert tokenizer.convert_tokens_to_ids(["<|empty|>", "<|sosp|>", "<|eot|>", "<|im_end|>"]) == [405, 403, 410, 402]
 
     codec_dir = output / "audio_tokenizer"
+    assert (codec_dir / "preprocessor_config.json").is_file()
     codec = AutoModel.from_pretrained(codec_dir)
     assert type(codec).__name__ == "MiMoAudioTokenizerModel"
     with safe_open(str(GOLDEN / "tok_a" / "checkpoint" / "model.safetensors"), framework="pt") as handle:

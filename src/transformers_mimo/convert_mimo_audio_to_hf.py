@@ -25,6 +25,7 @@ from .configuration_mimo_audio import (
     is_original_config_dict,
     special_token_ids_from_vocab,
 )
+from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
 from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
 
 
@@ -138,14 +139,6 @@ def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationC
     return generation_config
 
 
-def convert_audio_tokenizer(tokenizer_dir: Path, output_dir: Path, dtype: torch.dtype | None):
-    """Converts the original audio tokenizer (codec) into `output_dir`."""
-    from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
-
-    codec = MiMoAudioTokenizerModel.from_pretrained(str(tokenizer_dir), dtype=dtype or "auto")
-    codec.save_pretrained(str(output_dir))
-
-
 def convert(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -206,7 +199,7 @@ def convert(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
     if tokenizer_dir is not None:
-        convert_audio_tokenizer(Path(tokenizer_dir), output_dir / "audio_tokenizer", target_dtype)
+        convert_mimo_audio_tokenizer_checkpoint(tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype)
     return output_dir
 
 
