@@ -88,7 +88,10 @@ def run_worker(op: str, seconds: float, attn: str, threads: int, max_memory_gb: 
             return (features["input_features"], features["input_features_mask"]), time.perf_counter() - start
         generator = torch.Generator().manual_seed(0)
         codes = torch.stack(
-            [torch.randint(0, size, (int(length_seconds * CODE_RATE),), generator=generator) for size in config.codebook_size[:8]]
+            [
+                torch.randint(0, size, (int(length_seconds * CODE_RATE),), generator=generator)
+                for size in config.codebook_size[:8]
+            ]
         )
         return (codes[None],), 0.0
 
@@ -176,7 +179,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.seconds[0], args.attn[0], args.threads, args.max_memory_gb, args.repeats)))
+        result = run_worker(
+            args.worker, args.seconds[0], args.attn[0], args.threads, args.max_memory_gb, args.repeats
+        )
+        print(json.dumps(result))
         return
 
     rows = []

@@ -26,7 +26,10 @@ RENAMES = {
     r"^encoder\.quantizer\.vq\.layers\.(\d+)\._codebook\.embed$": r"quantizer.layers.\1.embed",
     r"^encoder\.down_sample_layer\.0\.weight$": "encoder.down_sample_layer.weight",
 }
-UNUSED = r"^(encoder\.quantizer\.vq\.layers\.\d+\._codebook\.(cluster_size|embed_avg|inited)|decoder\.vocoder\.head\.istft\.window)$"
+UNUSED = (
+    r"^(encoder\.quantizer\.vq\.layers\.\d+\._codebook\.(cluster_size|embed_avg|inited)"
+    r"|decoder\.vocoder\.head\.istft\.window)$"
+)
 
 
 def _expected_name(key):
@@ -191,7 +194,8 @@ def test_sharded_original_checkpoint(tmp_path):
     weights = load_file(source / "model.safetensors")
     (source / "model.safetensors").unlink()
     keys = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
     for name, shard_keys in shards.items():
         save_file({key: weights[key] for key in shard_keys}, source / name, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {key: name for name, shard_keys in shards.items() for key in shard_keys}}

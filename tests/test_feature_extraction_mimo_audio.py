@@ -279,6 +279,8 @@ def test_invalid_parameters_raise():
         MiMoAudioFeatureExtractor(n_fft=512, win_length=960)
     with pytest.raises(ValueError, match="fmax"):
         MiMoAudioFeatureExtractor(fmax=13000.0)
+    with pytest.raises(ValueError, match="`fmin` must be a number"):
+        MiMoAudioFeatureExtractor(fmin=None)
     with pytest.raises(ValueError, match="hop_length"):
         MiMoAudioFeatureExtractor(hop_length=0)
     with pytest.raises(ValueError, match="feature_size"):

@@ -75,7 +75,7 @@ def resample_waveform(
         raise ValueError(f"`waveform` must be a floating-point tensor, got dtype {waveform.dtype}.")
     if waveform.ndim == 0:
         raise ValueError("`waveform` must have a time axis (shape `(..., samples)`), got a 0-d tensor.")
-    if isinstance(lowpass_filter_width, bool) or not isinstance(lowpass_filter_width, int) or lowpass_filter_width <= 0:
+    if type(lowpass_filter_width) is not int or lowpass_filter_width <= 0:
         raise ValueError(f"`lowpass_filter_width` must be a positive integer, got {lowpass_filter_width!r}.")
     if not 0.0 < rolloff <= 1.0:
         raise ValueError(f"`rolloff` must be in (0, 1], got {rolloff!r}.")

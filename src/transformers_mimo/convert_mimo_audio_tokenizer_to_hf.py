@@ -15,7 +15,8 @@ before anything is written.
 Usage:
 
 ```bash
-python conversion/convert_mimo_audio_tokenizer_to_hf.py --input_dir MiMo-Audio-Tokenizer --output_dir mimo-audio-tokenizer-hf
+python conversion/convert_mimo_audio_tokenizer_to_hf.py \
+    --input_dir MiMo-Audio-Tokenizer --output_dir mimo-audio-tokenizer-hf [--dtype bfloat16] [--force] [--verify]
 ```
 """
 
@@ -69,7 +70,9 @@ class ConversionSummary:
             + ")",
             f"  renamed:           {len(self.renamed)}",
         ]
-        renamed_groups = Counter(f"{_layer_pattern(old)} -> {_layer_pattern(new)}" for old, new in self.renamed.items())
+        renamed_groups = Counter(
+            f"{_layer_pattern(old)} -> {_layer_pattern(new)}" for old, new in self.renamed.items()
+        )
         lines += [f"    {name}  (x{count})" for name, count in sorted(renamed_groups.items())]
         lines.append(f"  unused (not written): {len(self.ignored_keys)}")
         unused_groups = Counter(_layer_pattern(key) for key in self.ignored_keys)
@@ -88,7 +91,7 @@ def _layer_pattern(key: str) -> str:
 def _read_original_config(input_dir: Path) -> MiMoAudioTokenizerConfig:
     config_file = input_dir / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: the input must be an original MiMo-Audio-Tokenizer directory.")
+        raise FileNotFoundError(f"{config_file} not found: the input must be an original MiMo-Audio-Tokenizer dir.")
     config_dict = json.loads(config_file.read_text())
     model_type = config_dict.get("model_type", MiMoAudioTokenizerConfig.model_type)
     if model_type != MiMoAudioTokenizerConfig.model_type:
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input_dir", required=True, help="original MiMo-Audio-Tokenizer checkpoint directory")
     parser.add_argument("--output_dir", required=True, help="where to write the Hugging Face directory")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: keep stored dtype)"
+        "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: keep their dtype)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --output_dir")
     parser.add_argument(

@@ -78,6 +78,9 @@ class MiMoAudioFeatureExtractor(SequenceFeatureExtractor):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name, value in (("fmin", self.fmin), ("fmax", 0.0 if self.fmax is None else self.fmax)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"`{name}` must be a number of Hz, got {value!r}.")
         if self.win_length > self.n_fft:
             raise ValueError(f"`win_length` ({self.win_length}) must not exceed `n_fft` ({self.n_fft}).")
         if not 0 <= self.fmin < self.max_frequency <= self.sampling_rate / 2:
