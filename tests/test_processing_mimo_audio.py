@@ -2,6 +2,7 @@
 
 import json
 import re
+from threading import Thread
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 import transformers_mimo.processing_mimo_audio as processing
 from transformers_mimo import MiMoAudioProcessor
 from transformers_mimo.feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
+from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
 from transformers_mimo.modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
 
@@ -61,6 +64,12 @@ def _processor(case, with_codec=True):
 @pytest.fixture(scope="module")
 def proc_a():
     return _processor("lm_a")
+
+
+@pytest.fixture(scope="module")
+def model_a():
+    """The lm_a golden checkpoint (original on-disk format, loaded directly), fp32, SDPA as in the goldens."""
+    return MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa").eval()
 
 
 def _original_grid(inputs, group_size, index=0):
@@ -313,6 +322,30 @@ def test_dialogue_layouts_match_the_original_segments(proc_a):
     )
 
 
+def test_training_samples_open_the_answer_like_the_generation_prompt(proc_a):
+    """An assistant message with `thinking` starts with the same tokens as the generation prompt, so a training
+    sample is the inference prompt followed by the answer and `<|im_end|>\n`."""
+    golden, manifest = _golden("lm_a")
+    user = {"role": "user", "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}]}
+    prompt = proc_a.apply_chat_template([user])
+    sample = proc_a.apply_chat_template(
+        [user, {"role": "assistant", "content": "Hello there", "thinking": ""}], add_generation_prompt=False
+    )
+    answer = _tokens(proc_a.tokenizer, "Hello there", "<|im_end|>\n")
+    assert sample["input_ids"][0].tolist() == prompt["input_ids"][0].tolist() + answer
+    assert torch.equal(sample["audio_input_ids"][0, : prompt["input_ids"].shape[1]], prompt["audio_input_ids"][0])
+    reasoned = proc_a.apply_chat_template(
+        [user, {"role": "assistant", "content": "Hello there", "thinking": "It is a greeting.\n"}],
+        add_generation_prompt=False,
+    )
+    opened = proc_a.apply_chat_template([user], thinking=True)
+    assert reasoned["input_ids"][0].tolist() == opened["input_ids"][0].tolist() + _tokens(
+        proc_a.tokenizer, "It is a greeting.\n", "</think>\n", "Hello there", "<|im_end|>\n"
+    )
+    with pytest.raises(ValueError, match="only goes in assistant messages"):
+        proc_a.apply_chat_template([{"role": "user", "content": "hi", "thinking": ""}])
+
+
 def test_speech_continuation_leaves_the_segment_open(proc_a):
     codes = torch.randint(0, 16, (8, 6))
     batch = proc_a.speech_continuation({"type": "audio", "audio_codes": codes})
@@ -454,8 +487,6 @@ def test_batch_decode_text_and_speech(proc_a):
 
 
 def test_batch_decode_accepts_generate_output_and_segments(proc_a, monkeypatch):
-    from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput
-
     sequences, audio, patches = _generate_like_output(proc_a)
     result = MiMoAudioGenerateOutput(sequences=sequences, audio_sequences=audio)
     whole = proc_a.batch_decode(result, prompt_length=3)
@@ -510,13 +541,11 @@ def test_batch_decode_matches_the_original_forward_outputs(case):
 
 
 @pytest.mark.parametrize("prompt", ["asr", "icl"])
-def test_end_to_end_processor_generate_decode(proc_a, prompt):
+def test_end_to_end_processor_generate_decode(proc_a, model_a, prompt):
     """Prompt from the processor -> model.generate (the lm_a checkpoint, greedy, 12 positions, no stop) -> the
     original's recorded generation exactly -> batch_decode to the original's text."""
-    from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
-
     golden, manifest = _golden("lm_a")
-    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa")
+    model = model_a
     if prompt == "asr":
         inputs = proc_a.asr(_codes_item(golden, "asr", 8))
     else:
@@ -540,12 +569,10 @@ def test_end_to_end_processor_generate_decode(proc_a, prompt):
     assert expected.shape == (patches.shape[0] * 4 * 960,)
 
 
-def test_end_to_end_batch_with_audio_files(proc_a):
+def test_end_to_end_batch_with_audio_files(proc_a, model_a):
     """Two conversations (a spoken question from a file, a text question) in one left-padded batch through
     generate and batch_decode."""
-    from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
-
-    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa")
+    model = model_a
     spoken = [{"role": "user", "content": [{"type": "audio", "path": str(AUDIO / "weather_today_zh.mp3")}]}]
     written = [{"role": "user", "content": "What is the weather like in Beijing?"}]
     inputs = proc_a.apply_chat_template([spoken, written], output_modality="audio")
@@ -565,16 +592,11 @@ def test_end_to_end_batch_with_audio_files(proc_a):
         assert (decoded.audio[row] is None) if speech == 0 else (decoded.audio[row].shape == (speech * 4 * 960,))
 
 
-def test_stream_audio_from_a_generate_streamer(proc_a):
+def test_stream_audio_from_a_generate_streamer(proc_a, model_a):
     """`generate` with a MiMoAudioStreamer in a thread -> stream_audio: the same chunks as streaming the finished
     output's steps, and as many samples as the generated speech frames."""
-    from threading import Thread
-
-    from transformers_mimo.generation_mimo_audio import MiMoAudioStreamer
-    from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
-
     golden, _ = _golden("lm_a")
-    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa")
+    model = model_a
     inputs = proc_a.asr(_codes_item(golden, "asr", 8))
     kwargs = {**inputs, "max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
     streamer = MiMoAudioStreamer()

@@ -56,6 +56,7 @@ CHAT_TOKENS = {"im_start_token": "<|im_start|>", "im_end_token": "<|im_end|>"}
 TURN_START = "<|im_start|>{role}\n"
 TURN_END = "<|im_end|>\n"
 THINK_OPEN = "<think>\n"  # the assistant reasons first
+THINK_CLOSE = "</think>\n"
 THINK_SKIPPED = "<think>\n\n</think>\n"  # text answer without reasoning
 
 # Fixed instructions the original models were trained with.
@@ -123,9 +124,17 @@ def _generation_prompt(output_modality: str, thinking: bool) -> list:
     return [_Text(TURN_START.format(role="assistant")), _Text(ending)]
 
 
-def _render_turn(role: str, items: list[dict]) -> list:
-    """One chat turn: `<|im_start|>role\\n`, its content in order, `<|im_end|>\\n`."""
+def _render_turn(role: str, items: list[dict], thinking: str | None = None) -> list:
+    """
+    One chat turn: `<|im_start|>role\n`, its content in order, `<|im_end|>\n`. An assistant turn may open with a
+    thinking block (`thinking`: `""` for the empty block of a text answer without reasoning, else the reasoning),
+    as the generation prompts do; earlier turns of the original's multi-turn prompts have none.
+    """
     pieces = [_Text(TURN_START.format(role=role))]
+    if thinking == "":
+        pieces.append(_Text(THINK_SKIPPED))
+    elif thinking is not None:
+        pieces += [_Text(THINK_OPEN), _Text(thinking), _Text(THINK_CLOSE)]
     if role == "assistant" and any(item["type"] == "audio" for item in items):
         texts = [item["text"] for item in items if item["type"] == "text"]
         audios = [item for item in items if item["type"] == "audio"]
@@ -144,7 +153,7 @@ def _render_turn(role: str, items: list[dict]) -> list:
 def _render_conversation(conversation: list[dict], add_generation_prompt: bool, output_modality: str, thinking: bool):
     pieces = []
     for message in conversation:
-        pieces.extend(_render_turn(message["role"], message["content"]))
+        pieces.extend(_render_turn(message["role"], message["content"], message.get("thinking")))
     if add_generation_prompt:
         pieces.extend(_generation_prompt(output_modality, thinking))
     return pieces
@@ -288,12 +297,15 @@ def _check_conversation(conversation, index: int) -> list[dict]:
         where = f"Conversation {index}, message {position}"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}: a message must be a dict with `role` and `content`, got {message!r:.80}.")
-        unknown = set(message) - {"role", "content"}
+        unknown = set(message) - {"role", "content", "thinking"}
         if unknown:
             raise ValueError(f"{where}: unknown message keys {sorted(unknown)}.")
         role, content = message["role"], message["content"]
         if role not in _ROLES:
             raise ValueError(f"{where}: unknown role {role!r}; expected one of {list(_ROLES)}.")
+        thinking = message.get("thinking")
+        if thinking is not None and (role != "assistant" or not isinstance(thinking, str)):
+            raise ValueError(f"{where}: `thinking` must be a string and only goes in assistant messages.")
         if isinstance(content, str):
             content = [_text_item(content)]
         if not isinstance(content, (list, tuple)) or not content:
@@ -310,7 +322,7 @@ def _check_conversation(conversation, index: int) -> list[dict]:
                 items.append(_check_audio_item(item, where))
             else:
                 raise ValueError(f"{where}: unknown content type {item['type']!r}; expected 'text' or 'audio'.")
-        checked.append({"role": role, "content": items})
+        checked.append({"role": role, "content": items, "thinking": thinking})
     return checked
 
 
@@ -508,7 +520,10 @@ class MiMoAudioProcessor(ProcessorMixin):
         `"path"` (a local audio file), `"url"`, `"audio"` (a waveform array, with an optional `"sampling_rate"`,
         default 24000) or `"audio_codes"` (precomputed codes `(num_quantizers, frames)` at 25 Hz).
 
-        Each turn is `<|im_start|>{role}\n`, its items in order, `<|im_end|>\n`. A text item is tokenized on its own;
+        Each turn is `<|im_start|>{role}\n`, its items in order, `<|im_end|>\n`. An assistant message may carry
+        `"thinking"`: `""` opens its turn with the empty block `<think>\n\n</think>\n` and any other string with
+        `<think>\n{thinking}</think>\n` (use this for training samples, so that the answer follows the same opening as
+        the generation prompt; earlier turns of the original's multi-turn prompts have no thinking block). A text item is tokenized on its own;
         an audio item becomes `<|sosp|>`, one position per patch, `<|eosp|>`. An assistant turn with one text and one
         audio item is the speech stream the model generates: `<|sostm|>`, then chunks of 5 text tokens alternating
         with chunks of 5 patches (`<|eot|>` closes the text), then `<|eostm|>`. An assistant audio item without its
