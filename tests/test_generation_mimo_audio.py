@@ -139,6 +139,14 @@ def test_greedy_generation_matches_original_fp32(case, prompt, run, models, gold
         assert torch.equal(ours.isnan().all(-1).all(-1), ~is_speech)
         torch.testing.assert_close(ours, reference, rtol=0, atol=FP32_ATOL, equal_nan=True)
 
+    # processed patch scores (greedy): the raw logits with each codebook's empty id banned
+    for channel, (scores, logits) in enumerate(zip(stacked_audio(out.audio_scores), stacked_audio(out.audio_logits))):
+        empty_id = model.config.audio_empty_ids[channel]
+        kept = torch.arange(scores.shape[-1]) != empty_id
+        assert torch.isneginf(scores[is_speech][..., empty_id]).all()
+        assert torch.equal(scores[is_speech][..., kept], logits[is_speech][..., kept])
+        assert scores[~is_speech].isnan().all()
+
     # the min-length rule: stop ids get -inf exactly on the steps where the original removed them
     scores = torch.stack(out.scores)[:, 0]
     if run == "gen_stop":
@@ -286,6 +294,29 @@ def test_left_padded_batch_equals_each_sample_alone(case, models, golden):
         step for step, is_audio in chose_audio if not is_audio
     }
     assert steps_with_both
+
+
+def test_static_llm_cache_and_num_return_sequences(models, golden):
+    tensors, _ = golden("lm_b")
+    model = models("lm_b")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
+    prompt_length = input_ids.shape[1]
+    dynamic = model.generate(input_ids, audio_input_ids, max_new_tokens=12, eos_token_id=None)
+    static = model.generate(input_ids, audio_input_ids, max_new_tokens=12, eos_token_id=None, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert torch.equal(static.audio_sequences, dynamic.audio_sequences)
+    assert torch.equal(dynamic.sequences[0, prompt_length:], tensors["fp32.icl.gen_nostop.step_text_token"])
+
+    torch.manual_seed(0)
+    sampled = model.generate(
+        input_ids, audio_input_ids, max_new_tokens=6, eos_token_id=None, do_sample=True, num_return_sequences=3
+    )
+    assert sampled.sequences.shape == (3, prompt_length + 6)
+    assert sampled.audio_sequences.shape == (3, prompt_length + 6, 4, 8)
+    for row in range(3):  # every copy keeps the prompt
+        assert torch.equal(sampled.sequences[row, :prompt_length], input_ids[0])
+        assert torch.equal(sampled.audio_sequences[row, :prompt_length], audio_input_ids[0])
+    assert not torch.equal(sampled.audio_sequences[0], sampled.audio_sequences[1])
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
