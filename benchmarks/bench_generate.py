@@ -1,0 +1,241 @@
+"""Speed of MiMo-Audio's patch-level `generate()` on random weights (CPU by default).
+
+Two parts, printed as Markdown tables:
+
+1. Throughput on a mid-size config: audio patches per second at batch 1, 4 and 8 (every step is forced to choose
+   audio, so every step yields one patch per sample), with the LLM's dynamic cache, with its static cache, and with
+   the patch decoder compiled by `torch.compile`. Prefill is timed separately (one forward over the prompt).
+2. Cost of the patch decoder relative to one LLM step at batch 1, on a config with the released model's layer
+   counts and width ratios (36 LLM layers, 16 patch decoder layers, patch decoder 1/4 of the LLM width, 64-wide
+   heads ratio kept) with every width divided by `--scale`.
+
+    python benchmarks/bench_generate.py              # both parts, a few minutes on 2 CPU cores
+    python benchmarks/bench_generate.py --no-compile # skip torch.compile (its first call compiles for ~1 min)
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from transformers_mimo.configuration_mimo_audio import MiMoAudioConfig
+from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
+
+
+AUDIO_VOCAB_SIZES = [1025, 1025] + [129] * 6
+CLOCK = "cpu"
+
+
+class ChooseAudio(LogitsProcessor):
+    """Makes `<|empty|>` the only allowed text token, so every step generates an audio patch."""
+
+    def __init__(self, empty_token_id: int):
+        self.empty_token_id = empty_token_id
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.empty_token_id] = 0.0
+        return forced
+
+
+def patch_config(width: int, ffn: int, layers: int, heads: int) -> dict:
+    """A patch encoder/decoder config: no GQA, head dim `width // heads` (as in the released model)."""
+    return {
+        "hidden_size": width,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "head_dim": width // heads,
+    }
+
+
+def build_model(text: dict, encoder: dict, decoder: dict, vocab_size: int) -> MiMoAudioForConditionalGeneration:
+    torch.manual_seed(0)
+    config = MiMoAudioConfig(
+        text_config={"model_type": "qwen2", "vocab_size": vocab_size, "rope_theta": 640000.0, **text},
+        patch_encoder_config=encoder,
+        patch_decoder_config=decoder,
+        audio_vocab_sizes=AUDIO_VOCAB_SIZES,
+        empty_token_id=vocab_size - 1,
+    )
+    config._attn_implementation = "sdpa"
+    return MiMoAudioForConditionalGeneration(config).eval()
+
+
+def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating text positions and audio positions (random codes)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, config.empty_token_id, (batch_size, length), generator=generator)
+    input_ids[:, 1::2] = config.empty_token_id
+    sizes = torch.tensor(config.audio_empty_ids)  # codes below each empty id
+    audio = (torch.rand(batch_size, length, config.group_size, config.audio_channels, generator=generator) * sizes).long()
+    audio[input_ids != config.empty_token_id] = sizes
+    return input_ids, audio
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median over `repeats` calls of the process CPU time (with --clock cpu) or of the wall time."""
+    clock = time.process_time if CLOCK == "cpu" else time.perf_counter
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def throughput(model, batch_size: int, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs):
+    """Returns (prefill seconds, decode seconds per step, patches per second)."""
+    input_ids, audio = random_prompt(model, batch_size, prompt_length)
+    choose_audio = LogitsProcessorList([ChooseAudio(model.config.empty_token_id)])
+
+    def generate(steps):
+        out = model.generate(
+            input_ids, audio, max_new_tokens=steps, eos_token_id=None, logits_processor=choose_audio, **generate_kwargs
+        )
+        assert out.sequences.shape[1] == prompt_length + steps
+
+    generate(2)  # warm-up (and compilation)
+    prefill = median_time(lambda: model(input_ids, audio, use_cache=True, logits_to_keep=1), repeats)
+    short = median_time(lambda: generate(1), repeats)
+    long = median_time(lambda: generate(new_tokens + 1), repeats)
+    per_step = (long - short) / new_tokens
+    return prefill, per_step, batch_size / per_step
+
+
+def part_throughput(args):
+    model = build_model(
+        text={
+            "hidden_size": 512,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+        },
+        encoder=patch_config(256, 1024, 2, 8),
+        decoder=patch_config(256, 1024, 4, 8),
+        vocab_size=8192,
+    )
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"\n### Throughput, mid-size config ({parameters:.0f}M parameters: LLM 512 wide x 8 layers, patch decoder "
+        f"256 wide x 4 layers), prompt {args.prompt_length} positions, {args.new_tokens} new positions, "
+        f"fp32, {torch.get_num_threads()} threads\n"
+    )
+    modes = [("eager, dynamic LLM cache", {}), ("eager, static LLM cache", {"cache_implementation": "static"})]
+    if args.compile:
+        modes.append(("compiled patch decoder, dynamic LLM cache", {"compile": True}))
+    print("| mode | batch | prefill (ms) | decode step (ms) | patches/s | vs batch 1 |")
+    print("|---|---|---|---|---|---|")
+    for label, kwargs in modes:
+        if kwargs.pop("compile", False):
+            model.patch_decoder.compile(dynamic=False)
+        baseline = None
+        for batch_size in args.batch_sizes:
+            prefill, per_step, rate = throughput(
+                model, batch_size, args.prompt_length, args.new_tokens, args.repeats, **kwargs
+            )
+            baseline = baseline or rate
+            print(
+                f"| {label} | {batch_size} | {prefill * 1e3:.1f} | {per_step * 1e3:.1f} | {rate:.1f} | "
+                f"{rate / baseline:.2f}x |",
+                flush=True,
+            )
+
+
+@torch.no_grad()
+def part_patch_decoder_cost(args):
+    s = args.scale
+    model = build_model(
+        text={
+            "hidden_size": 4096 // s,
+            "intermediate_size": 11008 // s,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32 // s,
+            "num_key_value_heads": max(8 // s, 1),
+            "head_dim": 128,
+            "tie_word_embeddings": False,
+        },
+        encoder=patch_config(1024 // s, 4096 // s, 6, 64 // s),
+        decoder=patch_config(1024 // s, 4096 // s, 16, 64 // s),
+        vocab_size=151680 // s,
+    )
+    config = model.config
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"\n### Patch decoder vs LLM step, batch 1, released proportions / {s} ({parameters:.0f}M parameters: LLM "
+        f"{4096 // s} wide x 36 layers, patch decoder {1024 // s} wide x 16 layers, "
+        f"{config.patch_decoder_steps} decoder steps per patch), fp32, {torch.get_num_threads()} threads\n"
+    )
+    input_ids, audio = random_prompt(model, 1, args.prompt_length + 1)
+    prefill = model(input_ids[:, :-1], audio[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = prefill.cache
+    position_ids = torch.tensor([[args.prompt_length]])
+
+    def llm_step():  # one audio position in, text logits and hidden state out (patch encoder included)
+        model(input_ids[:, -1:], audio[:, -1:], cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        cache.crop(-1)
+
+    generation_config = GenerationConfig(do_sample=False)
+    generation_config.audio_do_sample = False
+    warpers = model._audio_warpers(generation_config)
+    patch_cache = model._prepare_patch_cache()
+    hidden = prefill.last_hidden_state[:, -1]
+
+    def patch():
+        model._generate_audio_patch(hidden, patch_cache, generation_config, warpers, keep_scores=False)
+
+    rows = []
+    llm_step()
+    llm = median_time(llm_step, args.repeats)
+    patch()
+    rows.append(("eager", median_time(patch, args.repeats)))
+    if args.compile:
+        model.patch_decoder.compile(dynamic=False)
+        patch()
+        rows.append(("compiled patch decoder", median_time(patch, args.repeats)))
+    print("| patch decoder | LLM step (ms) | patch decoder per patch (ms) | patch decoder / LLM step |")
+    print("|---|---|---|---|")
+    for label, seconds in rows:
+        print(f"| {label} | {llm * 1e3:.1f} | {seconds * 1e3:.1f} | {seconds / llm:.0%} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--prompt-length", type=int, default=64, help="prompt length in LLM positions")
+    parser.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per generate call")
+    parser.add_argument("--repeats", type=int, default=3, help="timings are medians over this many runs")
+    parser.add_argument("--scale", type=int, default=4, help="width divisor of the released proportions (part 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: process CPU time, robust on a shared machine with --threads 1; wall: elapsed time",
+    )
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--part", choices=["all", "throughput", "cost"], default="all")
+    args = parser.parse_args()
+    global CLOCK
+    CLOCK = args.clock
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{'process CPU' if CLOCK == 'cpu' else 'wall'} time"
+    )
+    if args.part in ("all", "throughput"):
+        part_throughput(args)
+    if args.part in ("all", "cost"):
+        part_patch_decoder_cost(args)
+
+
+if __name__ == "__main__":
+    main()
