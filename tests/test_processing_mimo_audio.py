@@ -442,6 +442,41 @@ def test_save_and_load_without_codec(tmp_path):
     assert loaded.audio_empty_ids == [32, 32] + [8] * 6
 
 
+def test_from_original_and_converted_checkpoints(proc_a, model_a, tmp_path):
+    """Without a processor_config.json the settings come from the model checkpoint: from the original directories
+    (LM + codec), and through AutoProcessor / AutoModel from a converted checkpoint, end to end."""
+    from transformers import AutoModel
+
+    from transformers_mimo.convert_mimo_audio_to_hf import convert
+
+    golden, manifest = _golden("lm_a")
+    original = MiMoAudioProcessor.from_pretrained(
+        GOLDEN / "lm_a" / "checkpoint", audio_tokenizer=GOLDEN / "tok_a" / "checkpoint"
+    )
+    assert (original.group_size, original.audio_channels, original.audio_empty_ids) == (4, 8, [64, 64] + [16] * 6)
+    assert original.feature_extractor.to_dict() == proc_a.feature_extractor.to_dict()
+    assert torch.equal(_original_grid(original.asr(_codes_item(golden, "asr", 8)), 4), golden["asr.input_ids_grid"])
+
+    convert(GOLDEN / "lm_a" / "checkpoint", tmp_path, tokenizer_dir=GOLDEN / "tok_a" / "checkpoint")
+    processor, model = AutoProcessor.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)
+    assert type(processor) is MiMoAudioProcessor and processor.audio_empty_ids == proc_a.audio_empty_ids
+    conversation = [{"role": "user", "content": [{"type": "audio", "path": str(AUDIO / "weather_today_zh.mp3")}]}]
+    inputs = processor.apply_chat_template(conversation, output_modality="audio")
+    reference_inputs = proc_a.apply_chat_template(conversation, output_modality="audio")
+    assert all(torch.equal(inputs[key], reference_inputs[key]) for key in inputs)
+    # greedy text and audio (the converted checkpoint carries the original's sampling defaults)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "audio_do_sample": False, "eos_token_id": None}
+    kwargs["return_dict_in_generate"] = True
+    output = model.eval().generate(**inputs, **kwargs)
+    reference = model_a.generate(**reference_inputs, **kwargs)
+    assert torch.equal(output.sequences, reference.sequences)
+    assert torch.equal(output.audio_sequences, reference.audio_sequences)
+    length = inputs["input_ids"].shape[1]
+    decoded, expected = processor.batch_decode(output, prompt_length=length), proc_a.batch_decode(reference, prompt_length=length)
+    assert decoded.text == expected.text
+    assert (decoded.audio[0] is None and expected.audio[0] is None) or torch.equal(decoded.audio[0], expected.audio[0])
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 
 

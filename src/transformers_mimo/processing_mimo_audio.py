@@ -25,8 +25,10 @@ import soundfile as sf
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import cached_file, logging
+from transformers import AutoTokenizer
+from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
+from .configuration_mimo_audio import MiMoAudioConfig
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
@@ -351,6 +353,22 @@ def _is_conversation_batch(conversation) -> bool:
     return isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
 
 
+def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFeatureExtractor:
+    """The log-mel settings the codec was trained with (the released codec's defaults without one)."""
+    if codec is None:
+        return MiMoAudioFeatureExtractor()
+    config = codec.config
+    return MiMoAudioFeatureExtractor(
+        n_mels=config.n_mels,
+        sampling_rate=config.sampling_rate,
+        n_fft=config.nfft,
+        hop_length=config.hop_length,
+        win_length=config.window_size,
+        fmin=config.fmin,
+        fmax=config.fmax,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Processor
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,30 +480,58 @@ class MiMoAudioProcessor(ProcessorMixin):
         return files
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, device=None, dtype=None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, audio_tokenizer=None, device=None, dtype=None, **kwargs
+    ) -> "MiMoAudioProcessor":
         """
-        Load the processor; the codec comes from the `audio_tokenizer/` subfolder when there is one.
+        Load the processor from a directory or Hub repo.
+
+        With a `processor_config.json` (written by `save_pretrained`) the processor is restored as saved. Without one,
+        i.e. from a model checkpoint (converted or original MiMo-Audio), the text tokenizer is loaded from it and
+        `group_size`, `audio_channels` and `audio_empty_ids` are read from its `config.json`; the feature extractor
+        follows the codec's config.
 
         Args:
+            audio_tokenizer (`str`, `os.PathLike` or [`MiMoAudioTokenizerModel`], *optional*): the codec or where to
+                load it from (e.g. an original "MiMo-Audio-Tokenizer" directory). Defaults to the `audio_tokenizer/`
+                subfolder when there is one.
             device (`str` or `torch.device`, *optional*): where to put the codec (default: CPU).
             dtype (`torch.dtype`, *optional*): the codec's dtype (default: as saved).
         """
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = {
             key: kwargs[key]
             for key in ("cache_dir", "force_download", "local_files_only", "token", "revision")
             if key in kwargs
         }
-        codec_config = cached_file(
-            pretrained_model_name_or_path,
-            "config.json",
-            subfolder="audio_tokenizer",
-            _raise_exceptions_for_missing_entries=False,
-            **hub_kwargs,
-        )
-        if codec_config is not None:
-            processor.audio_tokenizer = MiMoAudioTokenizerModel.from_pretrained(
+
+        def find(filename, subfolder=""):
+            return cached_file(
+                pretrained_model_name_or_path,
+                filename,
+                subfolder=subfolder,
+                _raise_exceptions_for_missing_entries=False,
+                **hub_kwargs,
+            )
+
+        if isinstance(audio_tokenizer, (str, os.PathLike)):
+            audio_tokenizer = MiMoAudioTokenizerModel.from_pretrained(audio_tokenizer, dtype=dtype, **hub_kwargs)
+        elif audio_tokenizer is None and find("config.json", "audio_tokenizer") is not None:
+            audio_tokenizer = MiMoAudioTokenizerModel.from_pretrained(
                 pretrained_model_name_or_path, subfolder="audio_tokenizer", dtype=dtype, **hub_kwargs
+            )
+        if find(PROCESSOR_NAME) is not None:
+            processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            if audio_tokenizer is not None:
+                processor.audio_tokenizer = audio_tokenizer
+        else:
+            config = MiMoAudioConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            processor = cls(
+                _feature_extractor_for(audio_tokenizer),
+                AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs),
+                audio_tokenizer=audio_tokenizer,
+                group_size=config.group_size,
+                audio_channels=config.audio_channels,
+                audio_empty_ids=config.audio_empty_ids,
             )
         if processor.audio_tokenizer is not None:
             if device is not None or dtype is not None:
