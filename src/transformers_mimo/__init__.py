@@ -62,6 +62,9 @@ register_checkpoint_conversion_mapping(
     overwrite=True,
 )
 
+# --- patch-level generation: generate() output and streamer ---
+from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
+
 # --- feature extraction (waveform -> log-mel) and audio helpers ---
 from transformers import AutoFeatureExtractor
 
