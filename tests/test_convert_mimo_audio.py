@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import GOLDEN
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, GenerationConfig, Qwen2Tokenizer
@@ -14,6 +13,8 @@ from transformers import AutoModel, AutoTokenizer, GenerationConfig, Qwen2Tokeni
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
 from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
 from transformers_mimo.convert_mimo_audio_to_hf import convert, convert_state_dict_keys, main
+
+from conftest import GOLDEN
 
 
 # The released model's config.json fields (research notes §1.2), in the original flat format.
@@ -73,7 +74,11 @@ def original_key_shapes(config: dict) -> dict:
     sizes = [int(size) for size in config["speech_vocab_size"].split("-")]
     local_dim, local_heads = config["local_dim"], config["local_attn_heads"]
     input_dim = config.get("input_local_dim") or local_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for layer in range(config["num_hidden_layers"]):
         shapes.update(
             qwen2_layer_shapes(
@@ -295,7 +300,9 @@ def test_convert_adds_missing_special_tokens(tmp_path):
         shutil.copy(source / name, bare / name)
     vocab = json.loads((source / "vocab.json").read_text())
     merges = [
-        tuple(line.split(" ")) for line in (source / "merges.txt").read_text().splitlines() if line and not line.startswith("#")
+        tuple(line.split(" "))
+        for line in (source / "merges.txt").read_text().splitlines()
+        if line and not line.startswith("#")
     ]
     Qwen2Tokenizer(vocab=vocab, merges=merges).save_pretrained(bare)
     bare_tokenizer = AutoTokenizer.from_pretrained(bare)
@@ -304,7 +311,9 @@ def test_convert_adds_missing_special_tokens(tmp_path):
     convert(bare, tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     config = MiMoAudioConfig.from_pretrained(tmp_path / "out")
-    new_ids = tokenizer.convert_tokens_to_ids(["<|sosp|>", "<|eosp|>", "<|empty|>", "<|sostm|>", "<|eostm|>", "<|eot|>"])
+    new_ids = tokenizer.convert_tokens_to_ids(
+        ["<|sosp|>", "<|eosp|>", "<|empty|>", "<|sostm|>", "<|eostm|>", "<|eot|>"]
+    )
     assert new_ids == [base, base + 1, base + 2, base + 5, base + 6, base + 7]  # the original's order
     assert [config.sosp_token_id, config.eosp_token_id, config.empty_token_id] == new_ids[:3]
     assert [config.sostm_token_id, config.eostm_token_id, config.eot_token_id] == new_ids[3:]

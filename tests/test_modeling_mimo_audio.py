@@ -12,12 +12,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoModelForTextToWaveform, DynamicCache
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration, MiMoAudioModel
 from transformers_mimo.configuration_mimo_audio import MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
+
+from conftest import GOLDEN
 
 
 CASES = ("lm_a", "lm_b")
@@ -118,10 +119,15 @@ def test_config_from_original_checkpoint():
     assert (config.sostm_token_id, config.eostm_token_id, config.eot_token_id) == (408, 409, 410)
     assert (config.im_start_token_id, config.im_end_token_id) == (401, 402)
     text = config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (64, 2, 4, 2)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        64,
+        2,
+        4,
+        2,
+    )
     assert (text.head_dim, text.intermediate_size, text.vocab_size) == (16, 128, 416)
     assert text.rope_parameters["rope_theta"] == 640000.0
-    # quirk 3: patch decoder = local_*; patch encoder = input_local_dim with ffn 4*dim; no GQA; dropout local_attn_dropout
+    # quirk 3: decoder = local_*; encoder = input_local_dim with ffn 4*dim; no GQA; dropout = local_attn_dropout
     decoder, encoder = config.patch_decoder_config, config.patch_encoder_config
     assert (decoder.hidden_size, decoder.num_hidden_layers, decoder.num_attention_heads) == (32, 2, 4)
     assert (decoder.num_key_value_heads, decoder.head_dim, decoder.intermediate_size) == (4, 8, 64)
@@ -149,12 +155,27 @@ def test_config_original_without_tokenizer_and_null_fields(tmp_path):
 def test_config_defaults_are_the_released_model():
     config = MiMoAudioConfig()
     text = config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (4096, 36, 32, 8)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        4096,
+        36,
+        32,
+        8,
+    )
     assert (text.head_dim, text.intermediate_size, text.vocab_size) == (128, 11008, 151680)
     assert text.rope_parameters["rope_theta"] == 640000.0
     encoder, decoder = config.patch_encoder_config, config.patch_decoder_config
-    assert (encoder.hidden_size, encoder.num_hidden_layers, encoder.num_attention_heads, encoder.intermediate_size) == (1024, 6, 64, 4096)
-    assert (decoder.hidden_size, decoder.num_hidden_layers, decoder.num_attention_heads, decoder.intermediate_size) == (1024, 16, 64, 4096)
+    assert (
+        encoder.hidden_size,
+        encoder.num_hidden_layers,
+        encoder.num_attention_heads,
+        encoder.intermediate_size,
+    ) == (1024, 6, 64, 4096)
+    assert (
+        decoder.hidden_size,
+        decoder.num_hidden_layers,
+        decoder.num_attention_heads,
+        decoder.intermediate_size,
+    ) == (1024, 16, 64, 4096)
     assert decoder.attention_dropout == 0.1 and config.input_full_attention is True
     assert config.audio_vocab_sizes == [1025, 1025] + [129] * 6
     assert config.audio_empty_ids == [1024, 1024] + [128] * 6
@@ -262,7 +283,10 @@ def test_prefill_matches_original_bf16(case):
             torch.testing.assert_close(
                 value.float(), expected.float(), atol=BF16_ATOL[name], rtol=0, msg=f"{case} {prompt} {name}"
             )
-        assert outputs["text_logits"].argmax(-1).item() == golden(case)[f"bf16.{prompt}.prefill.text_logits"].argmax(-1).item()
+        assert (
+            outputs["text_logits"].argmax(-1).item()
+            == golden(case)[f"bf16.{prompt}.prefill.text_logits"].argmax(-1).item()
+        )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -349,7 +373,9 @@ def test_eager_equals_sdpa_and_cache_continuation():
         # prefill then one cached step gives the same last logits
         cache = DynamicCache(config=sdpa.config.text_config)
         sdpa(input_ids=input_ids[:, :-1], audio_input_ids=audio[:, :-1], cache=cache, use_cache=True)
-        step = sdpa(input_ids=input_ids[:, -1:], audio_input_ids=audio[:, -1:], cache=cache, use_cache=True, logits_to_keep=1)
+        step = sdpa(
+            input_ids=input_ids[:, -1:], audio_input_ids=audio[:, -1:], cache=cache, use_cache=True, logits_to_keep=1
+        )
     assert step.cache.get_seq_length() == input_ids.shape[1]
     torch.testing.assert_close(step.logits[:, -1], full_sdpa.logits[:, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(step.last_hidden_state[:, -1], full_sdpa.last_hidden_state[:, -1], atol=1e-5, rtol=0)
@@ -414,7 +440,9 @@ def training_batch(config):
     return input_ids, audio, attention_mask, labels, audio_labels
 
 
-def reference_loss(model, input_ids, audio, attention_mask, labels, audio_labels, text_weight=100, weights=(12, 8, 6, 4, 2, 2, 1, 1)):
+def reference_loss(
+    model, input_ids, audio, attention_mask, labels, audio_labels, text_weight=100, weights=(12, 8, 6, 4, 2, 2, 1, 1)
+):
     """The official recipe written as plain loops over samples, positions, steps and codebooks."""
     config = model.config
     empty = config.empty_token_id
@@ -457,7 +485,9 @@ def reference_loss(model, input_ids, audio, attention_mask, labels, audio_labels
                         audio_sums[channel] = audio_sums[channel] + F.cross_entropy(channel_logits, code)
     text_loss = text_sum / text_count
     audio_losses = torch.stack([torch.as_tensor(total) / (patches * group) for total in audio_sums])
-    total = (text_weight * text_loss + sum(w * loss for w, loss in zip(weights, audio_losses))) / (text_weight + sum(weights))
+    total = (text_weight * text_loss + sum(w * loss for w, loss in zip(weights, audio_losses))) / (
+        text_weight + sum(weights)
+    )
     return total, text_loss, audio_losses, patches
 
 
@@ -467,7 +497,11 @@ def test_loss_matches_reference_loop(case):
     batch = training_batch(model.config)
     with torch.no_grad():
         out = model(
-            input_ids=batch[0], audio_input_ids=batch[1], attention_mask=batch[2], labels=batch[3], audio_labels=batch[4]
+            input_ids=batch[0],
+            audio_input_ids=batch[1],
+            attention_mask=batch[2],
+            labels=batch[3],
+            audio_labels=batch[4],
         )
         total, text_loss, audio_losses, patches = reference_loss(model, *batch)
     assert patches == 9  # 4 + 1 (sample 0; the position-10 patch has no targets) + 4 (sample 1)
@@ -558,7 +592,9 @@ def test_loss_without_audio_targets_is_the_text_loss():
             labels=labels,
             audio_labels=torch.full_like(audio, -100),
         )
-        _, reference_text, _, _ = reference_loss(model, input_ids, audio, attention_mask, labels, torch.full_like(audio, -100))
+        _, reference_text, _, _ = reference_loss(
+            model, input_ids, audio, attention_mask, labels, torch.full_like(audio, -100)
+        )
     for out in (text_only, no_targets):
         assert out.audio_loss is None and out.audio_logits is None
         torch.testing.assert_close(out.loss, reference_text, atol=1e-5, rtol=0)
@@ -569,7 +605,13 @@ def test_gradients_reach_every_trainable_module():
     model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint")
     model.train()
     input_ids, audio, attention_mask, labels, audio_labels = training_batch(model.config)
-    out = model(input_ids=input_ids, audio_input_ids=audio, attention_mask=attention_mask, labels=labels, audio_labels=audio_labels)
+    out = model(
+        input_ids=input_ids,
+        audio_input_ids=audio,
+        attention_mask=attention_mask,
+        labels=labels,
+        audio_labels=audio_labels,
+    )
     out.loss.backward()
     without_gradient = [
         name for name, param in model.named_parameters() if param.grad is None or param.grad.abs().sum() == 0
@@ -588,7 +630,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             assert model.model.patch_encoder.layers[0].gradient_checkpointing
         model.train()
         torch.manual_seed(1)  # same dropout masks in both runs
-        out = model(input_ids=batch[0], audio_input_ids=batch[1], attention_mask=batch[2], labels=batch[3], audio_labels=batch[4])
+        out = model(
+            input_ids=batch[0],
+            audio_input_ids=batch[1],
+            attention_mask=batch[2],
+            labels=batch[3],
+            audio_labels=batch[4],
+        )
         out.loss.backward()
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
     for name, gradient in gradients[0].items():

@@ -267,7 +267,14 @@ _ORIGINAL_TEXT_KEYS = (
     "eos_token_id",
 )
 # Keys shared by the backbone and both patch transformers (the original deep-copies its whole config for them).
-_INHERITED_KEYS = ("hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_theta", "rope_scaling")
+_INHERITED_KEYS = (
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+)
 
 
 def convert_original_config_dict(config_dict: dict, special_token_ids: dict[str, int] | None = None) -> dict:
@@ -325,7 +332,9 @@ def convert_original_config_dict(config_dict: dict, special_token_ids: dict[str,
         "audio_empty_ids": _parse_per_channel(
             config_dict.get("speech_zeroemb_idx", "1024-1024-128-128-128-128-128-128"), channels, "speech_zeroemb_idx"
         ),
-        "delay_pattern": _parse_per_channel(config_dict.get("delay_pattern", "0-1-2-3-4-5-6-7"), channels, "delay_pattern"),
+        "delay_pattern": _parse_per_channel(
+            config_dict.get("delay_pattern", "0-1-2-3-4-5-6-7"), channels, "delay_pattern"
+        ),
         "input_full_attention": bool(config_dict.get("input_full_attention")),
         "tie_word_embeddings": bool(config_dict.get("tie_word_embeddings", False)),
     }

@@ -106,7 +106,7 @@ def _safetensors_files(input_dir: Path) -> list[Path]:
 
 
 def load_text_tokenizer(input_dir: Path):
-    """Loads the original text tokenizer and adds MiMo-Audio's special tokens that are missing, as the original does."""
+    """Loads the original text tokenizer and adds MiMo-Audio's missing special tokens, as the original does."""
     tokenizer = AutoTokenizer.from_pretrained(str(input_dir))
     vocab = tokenizer.get_vocab()
     missing = [token for token in ORIGINAL_ADDED_TOKENS if token not in vocab]

@@ -12,14 +12,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mimo_audio import MiMoAudioConfig
 from .generation_mimo_audio import MiMoAudioGenerationMixin
 
-
-logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -100,7 +98,9 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
         loading_info["unexpected_keys"] = {
-            key for key in loading_info.get("unexpected_keys") or [] if not key.startswith(cls._ignored_prefixes_on_load)
+            key
+            for key in loading_info.get("unexpected_keys") or []
+            if not key.startswith(cls._ignored_prefixes_on_load)
         }
         problems = {
             kind: sorted(loading_info.get(kind) or [])
@@ -132,9 +132,7 @@ class MiMoAudioPatchEncoder(nn.Module):
             encoder_config.hidden_size * config.group_size, config.text_config.hidden_size, bias=False
         )
 
-    def forward(
-        self, patch_embeds: torch.Tensor, is_causal: bool, **kwargs: Unpack[TransformersKwargs]
-    ) -> torch.Tensor:
+    def forward(self, patch_embeds: torch.Tensor, is_causal: bool) -> torch.Tensor:
         """
         Args:
             patch_embeds (`torch.Tensor` of shape `(num_patches, group_size, patch_encoder_hidden_size)`):
@@ -164,7 +162,6 @@ class MiMoAudioPatchEncoder(nn.Module):
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
                 is_causal=is_causal,
-                **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return self.proj(hidden_states.reshape(num_patches, -1))
@@ -249,8 +246,8 @@ class MiMoAudioPatchDecoder(nn.Module):
 
 class MiMoAudioModel(MiMoAudioPreTrainedModel):
     """
-    The Qwen2 backbone (`language_model`) with MiMo-Audio's input side: per-codebook `audio_embeddings` (shared with the
-    patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
+    The Qwen2 backbone (`language_model`) with MiMo-Audio's input side: per-codebook `audio_embeddings` (shared with
+    the patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
     """
 
     # Loading it from a full checkpoint leaves out the heads.
@@ -280,7 +277,8 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         sizes = torch.tensor(self.config.audio_vocab_sizes, device=audio_codes.device)
         if audio_codes.numel() and ((audio_codes < 0) | (audio_codes >= sizes)).any():
             raise ValueError(
-                f"`{name}` holds codes outside the codebooks (sizes {self.config.audio_vocab_sizes}) at audio positions."
+                f"`{name}` holds codes outside the codebooks (sizes {self.config.audio_vocab_sizes}) "
+                "at audio positions."
             )
 
     def embed_audio_frames(self, audio_codes: torch.Tensor) -> torch.Tensor:
@@ -309,7 +307,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): text channel.
-            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`):
                 audio codes aligned with `input_ids`; only read at `<|empty|>` positions. Needed when `input_ids`
                 contains `<|empty|>`.
 
@@ -360,7 +358,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
                 Text channel, one id per backbone position; audio positions hold `<|empty|>`.
-            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`):
                 Audio codes aligned with `input_ids` (each codebook's empty id where there is no audio).
             attention_mask (`torch.Tensor` of shape `(batch_size, past_len + seq_len)`, *optional*):
                 1 for real positions, 0 for padding.
@@ -437,8 +435,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     ) -> torch.Tensor:
         """
         Patch decoder input for a set of codes: the sum over the active codebooks of the shared `audio_embeddings`,
-        through `patch_decoder.embeddings_proj` when the widths differ; zeros where no codebook is active. Empty ids are
-        embedded like any other code (the decoder never emits them).
+        through `patch_decoder.embeddings_proj` when the widths differ; zeros where no codebook is active. Empty ids
+        are embedded like any other code (the decoder never emits them).
 
         Args:
             audio_codes (`torch.LongTensor` of shape `(..., audio_channels)`):
@@ -451,7 +449,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         """
         if audio_codes.shape[-1] != self.config.audio_channels:
             raise ValueError(
-                f"`audio_codes` must end with audio_channels={self.config.audio_channels}, got {tuple(audio_codes.shape)}."
+                f"`audio_codes` must end with audio_channels={self.config.audio_channels}, "
+                f"got {tuple(audio_codes.shape)}."
             )
         if codebook_mask is None:
             codebook_mask = torch.ones_like(audio_codes, dtype=torch.bool)
@@ -535,7 +534,7 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     # ----- loss -----
 
     def _text_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        """Next-position CE; `<|empty|>` targets weighted by `empty_token_loss_weight`, normalised by the weight sum."""
+        """Next-position CE, `<|empty|>` targets weighted by `empty_token_loss_weight`, divided by the weight sum."""
         targets = labels[:, 1:].to(logits.device)
         shift_logits = logits[:, :-1].float()
         token_loss = F.cross_entropy(
@@ -566,8 +565,10 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         targets = next_audio[has_target]  # (num_patches, group_size, audio_channels)
         valid = targets != IGNORE_INDEX
         sizes = torch.tensor(self.config.audio_vocab_sizes, device=targets.device)
-        if ((valid & ((targets < 0) | (targets >= sizes))).any()):
-            raise ValueError(f"`audio_labels` holds codes outside the codebooks (sizes {self.config.audio_vocab_sizes}).")
+        if (valid & ((targets < 0) | (targets >= sizes))).any():
+            raise ValueError(
+                f"`audio_labels` holds codes outside the codebooks (sizes {self.config.audio_vocab_sizes})."
+            )
         audio_logits = self.teacher_forced_audio_logits(hidden_states[:, :-1][has_target], targets)
         count = targets.shape[0] * targets.shape[1]
         losses = torch.stack(
@@ -604,7 +605,7 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
                 Text channel, one id per backbone position; audio positions hold `<|empty|>` (`config.empty_token_id`).
-            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`):
                 Audio codes aligned with `input_ids`; each codebook's empty id where there is no audio. Optional for
                 text-only input.
             attention_mask (`torch.Tensor` of shape `(batch_size, past_len + seq_len)`, *optional*):
@@ -628,7 +629,9 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
             [`MiMoAudioOutputWithPast`].
         """
         if audio_labels is not None and labels is None:
-            raise ValueError("`audio_labels` needs `labels`: audio targets are selected where the next text label is <|empty|>.")
+            raise ValueError(
+                "`audio_labels` needs `labels`: audio targets are selected where the next text label is <|empty|>."
+            )
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("Computing the loss needs the logits of every position: pass `logits_to_keep=0`.")
         outputs = self.model(
@@ -648,13 +651,17 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         loss = text_loss = audio_loss = audio_logits = None
         if labels is not None:
             if labels.shape != hidden_states.shape[:2]:
-                raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+                raise ValueError(
+                    f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}."
+                )
             text_loss = self._text_loss(logits, labels)
             loss = text_loss
             if audio_labels is not None:
                 audio_loss, audio_logits = self._audio_loss(hidden_states, labels, audio_labels)
             if audio_loss is not None:
-                weights = torch.tensor(self.config.audio_loss_weights, device=audio_loss.device, dtype=audio_loss.dtype)
+                weights = torch.tensor(
+                    self.config.audio_loss_weights, device=audio_loss.device, dtype=audio_loss.dtype
+                )
                 total_weight = self.config.text_loss_weight + sum(self.config.audio_loss_weights)
                 loss = (self.config.text_loss_weight * text_loss + (weights * audio_loss).sum()) / total_weight
 
