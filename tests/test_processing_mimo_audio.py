@@ -649,6 +649,44 @@ def test_stream_audio_from_a_generate_streamer(proc_a, model_a):
     assert sum(chunk[0].shape[0] for chunk in live) == speech_steps * 4 * 960
 
 
+def test_other_group_size_and_channel_count():
+    """Everything follows the configuration: group_size 3 and 3 codebooks with the tok_b codec."""
+    golden = load_file(GOLDEN / "tok_b" / "golden.safetensors")
+    codec = _codec("tok_b")
+    processor = MiMoAudioProcessor(
+        _feature_extractor(codec),
+        AutoTokenizer.from_pretrained(GOLDEN / "lm_b" / "checkpoint"),
+        audio_tokenizer=codec,
+        group_size=3,
+        audio_channels=3,
+        audio_empty_ids=[32, 32, 8],
+    )
+    codes = golden["fp32.codes_single_segment"][:3]  # (3, 76): 76 frames -> 26 patches, last frame repeated twice
+    (patches,) = processor.encode_audio(golden["wav"])
+    assert patches.shape == (26, 3, 3)
+    frames = patches.reshape(-1, 3)
+    assert torch.equal(frames[:76], codes.T) and torch.equal(frames[76:], codes[:, -1:].T.expand(2, -1))
+
+    conversation = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "audio", "audio_codes": codes[:, :9]}]},
+    ]
+    batch = processor.apply_chat_template(conversation, output_modality="audio")
+    assert batch["audio_input_ids"].shape[2:] == (3, 3)
+    speech = batch["input_ids"][0] == processor.empty_token_id
+    assert speech.sum() == 3 and torch.equal(batch["audio_input_ids"][0][speech].reshape(-1, 3), codes[:, :9].T)
+    assert (batch["audio_input_ids"][0][~speech] == torch.tensor([32, 32, 8])).all()
+
+    E = processor.empty_token_id
+    sequences = torch.tensor([[E, E, processor.eostm_token_id]])
+    audio = torch.tensor([32, 32, 8]).expand(1, 3, 3, 3).clone()
+    audio[0, :2] = codes[:, :6].T.reshape(2, 3, 3)
+    decoded = processor.batch_decode(sequences, audio)
+    reference = codec.decode(codes[None, :, :6]).audio_values[0, 0]
+    assert decoded.text == [""] and decoded.audio[0].shape == (6 * 960,)
+    torch.testing.assert_close(decoded.audio[0], reference, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -686,6 +724,10 @@ def test_bad_audio_and_options_raise_value_error(proc_a, tmp_path):
     garbage.write_bytes(b"this is not audio at all" * 10)
     with pytest.raises(ValueError, match="cannot decode"):
         proc_a.asr(str(garbage))
+    silent = tmp_path / "empty.wav"
+    sf.write(silent, np.zeros(0, dtype=np.float32), 24000)
+    with pytest.raises(ValueError, match="empty"):
+        proc_a.asr(str(silent))
     with pytest.raises(ValueError, match="output_modality"):
         proc_a.apply_chat_template([{"role": "user", "content": "hi"}], output_modality="video")
     with pytest.raises(ValueError, match="tensors"):
