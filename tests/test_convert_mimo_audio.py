@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoTokenizer, GenerationConfig, Qwen2Tokeni
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
 from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
-from transformers_mimo.convert_mimo_audio_to_hf import convert, convert_state_dict_keys, main
+from transformers_mimo.convert_mimo_audio_to_hf import convert, convert_state_dict_keys, main, verify_conversion
 
 from conftest import GOLDEN
 
@@ -223,6 +223,7 @@ def test_convert_checkpoint_with_codec(tmp_path):
             "--tokenizer_dir", str(GOLDEN / "tok_a" / "checkpoint"),
             "--output_dir", str(output),
             "--max_shard_size", "200KB",
+            "--verify",
         ]
     )  # fmt: skip
     index = json.loads((output / "model.safetensors.index.json").read_text())
@@ -270,13 +271,23 @@ def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     (output / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="--force"):
         convert(GOLDEN / "lm_b" / "checkpoint", output)
-    convert(GOLDEN / "lm_b" / "checkpoint", output, dtype="bfloat16", force=True)
+    convert(GOLDEN / "lm_b" / "checkpoint", output, dtype="bfloat16", force=True, verify=True)
     assert not (output / "keep.txt").exists()
     with safe_open(str(output / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.bfloat16}
     assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="not an original MiMo-Audio config"):
         convert(output, tmp_path / "again")
+
+
+def test_verification_detects_a_changed_weight(tmp_path):
+    source = GOLDEN / "lm_b" / "checkpoint"
+    output = convert(source, tmp_path / "hf")
+    assert verify_conversion(source, output) == 0.0
+    weights = load_file(str(output / "model.safetensors"))
+    weights["patch_decoder.heads.5.weight"][3] += 1.0
+    save_file(weights, str(output / "model.safetensors"), metadata={"format": "pt"})
+    assert verify_conversion(source, output) > 0.01
 
 
 def test_convert_rejects_mismatched_weights(tmp_path):

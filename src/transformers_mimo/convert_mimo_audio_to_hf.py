@@ -2,7 +2,7 @@
 Hugging Face layout.
 
     python -m transformers_mimo.convert_mimo_audio_to_hf --input_dir MiMo-Audio-7B-Instruct \
-        [--tokenizer_dir MiMo-Audio-Tokenizer] --output_dir mimo-audio-hf [--dtype bfloat16] [--force]
+        [--tokenizer_dir MiMo-Audio-Tokenizer] --output_dir mimo-audio-hf [--dtype bfloat16] [--force] [--verify]
 
 Writes `config.json` (`model_type: "mimo_audio"`), sharded safetensors with renamed keys, `generation_config.json`
 (the original's default sampling), the text tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`,
@@ -139,6 +139,35 @@ def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationC
     return generation_config
 
 
+def verify_conversion(input_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> float:
+    """
+    Loads the original directory (translated on load) and the converted one, runs both on a short sample with text
+    and two audio patches, and returns the largest absolute difference of the text and patch decoder logits.
+    """
+    torch_dtype = DTYPES[dtype] if dtype is not None else "auto"
+    original = MiMoAudioForConditionalGeneration.from_pretrained(str(input_dir), dtype=torch_dtype).eval()
+    converted = MiMoAudioForConditionalGeneration.from_pretrained(str(output_dir), dtype=torch_dtype).eval()
+    config = converted.config
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.text_config.vocab_size, (1, 6), generator=generator)
+    input_ids[0, 2:4] = config.empty_token_id
+    audio = torch.stack(
+        [torch.randint(0, size, (1, 6, config.group_size), generator=generator) for size in config.audio_vocab_sizes],
+        dim=-1,
+    )
+    labels = input_ids.clone()
+    differences = []
+    with torch.no_grad():
+        outputs = [
+            model(input_ids=input_ids, audio_input_ids=audio, labels=labels, audio_labels=audio)
+            for model in (original, converted)
+        ]
+    differences.append((outputs[0].logits - outputs[1].logits).abs().max().item())
+    for channel in range(config.audio_channels):
+        differences.append((outputs[0].audio_logits[channel] - outputs[1].audio_logits[channel]).abs().max().item())
+    return max(differences)
+
+
 def convert(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -146,8 +175,12 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     max_shard_size: str = "5GB",
+    verify: bool = False,
 ) -> Path:
-    """Converts the checkpoint in `input_dir` into `output_dir`; returns `output_dir`. See the module docstring."""
+    """
+    Converts the checkpoint in `input_dir` into `output_dir`; returns `output_dir`. See the module docstring. With
+    `verify`, both checkpoints are run on a sample afterwards and must give identical logits (`verify_conversion`).
+    """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     config_path = input_dir / "config.json"
     if not config_path.is_file():
@@ -199,7 +232,11 @@ def convert(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
     if tokenizer_dir is not None:
-        convert_mimo_audio_tokenizer_checkpoint(tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype)
+        convert_mimo_audio_tokenizer_checkpoint(
+            tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, verify=verify
+        )
+    if verify and (difference := verify_conversion(input_dir, output_dir, dtype)) != 0:
+        raise ValueError(f"Verification failed: the converted checkpoint's logits differ by up to {difference}.")
     return output_dir
 
 
@@ -211,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Cast weights (default: keep).")
     parser.add_argument("--force", action="store_true", help="Overwrite a non-empty output directory.")
     parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard (default 5GB).")
+    parser.add_argument(
+        "--verify", action="store_true", help="Run the original and the converted checkpoint on a sample and compare."
+    )
     args = parser.parse_args(argv)
     output_dir = convert(
         args.input_dir,
@@ -219,11 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
         force=args.force,
         max_shard_size=args.max_shard_size,
+        verify=args.verify,
     )
     print(f"Converted {args.input_dir} -> {output_dir}")
 
 
-__all__ = ["convert", "main", "rename_original_key", "convert_state_dict_keys"]
+__all__ = ["convert", "convert_state_dict_keys", "main", "rename_original_key", "verify_conversion"]
 
 if __name__ == "__main__":
     main()
