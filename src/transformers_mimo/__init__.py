@@ -58,7 +58,10 @@ AutoTokenizer.register(MiMoAudioConfig, tokenizer_class=Qwen2Tokenizer, exist_ok
 # Original MiMo-Audio checkpoints (flat `model.*`, `speech_embeddings.*`, `local_transformer.*`, ...) load directly.
 register_checkpoint_conversion_mapping(
     "MiMoAudioForConditionalGeneration",
-    [WeightRenaming(source_patterns=source, target_patterns=target) for source, target in ORIGINAL_CHECKPOINT_KEY_MAPPING.items()],
+    [
+        WeightRenaming(source_patterns=source, target_patterns=target)
+        for source, target in ORIGINAL_CHECKPOINT_KEY_MAPPING.items()
+    ],
     overwrite=True,
 )
 
