@@ -362,6 +362,7 @@ def test_batch_is_left_padded_and_each_row_equals_the_sample_alone(proc_a):
     text_conv = [{"role": "user", "content": "What is the weather like in Beijing?"}]
     asr_conv = [{"role": "user", "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}]}]
     batch = proc_a.apply_chat_template([text_conv, asr_conv])
+    assert all(torch.equal(batch[key], value) for key, value in proc_a([text_conv, asr_conv]).items())  # __call__
     alone = [proc_a.apply_chat_template(text_conv), proc_a.apply_chat_template(asr_conv)]
     assert batch["input_ids"].shape == (2, 50) and batch["audio_input_ids"].shape == (2, 50, 4, 8)
     assert batch["input_ids"].dtype == batch["audio_input_ids"].dtype == batch["attention_mask"].dtype == torch.long

@@ -16,16 +16,15 @@ import io
 import os
 import re
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers import AutoTokenizer
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
 from .configuration_mimo_audio import MiMoAudioConfig
