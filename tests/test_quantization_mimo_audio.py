@@ -194,7 +194,7 @@ def test_torchao_int8_weight_only(checkpoint, reference, inputs, tmp_path):
     assert 1e-4 < relative < TOLERANCE["int8"]["relative"], relative
     generated = model.generate(inputs["input_ids"], audio_input_ids=inputs["audio_input_ids"], max_new_tokens=4)
     assert generated.sequences.shape == (2, 24)
-    model.save_pretrained(tmp_path, safe_serialization=False)
+    model.save_pretrained(tmp_path)
     reloaded = MODEL_CLASS.from_pretrained(tmp_path, device_map="cpu").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, output.logits)
