@@ -96,10 +96,6 @@ class MiMoAudioFeatureExtractor(SequenceFeatureExtractor):
         """Highest mel filter edge in Hz (`fmax`, or the Nyquist frequency `sampling_rate // 2` when unset)."""
         return float(self.sampling_rate // 2) if self.fmax is None else float(self.fmax)
 
-    def num_frames(self, num_samples: int) -> int:
-        """Number of feature frames for a clip of `num_samples` samples at `sampling_rate`."""
-        return num_samples // self.hop_length + 1
-
     def __call__(
         self,
         audio: AudioInput,
