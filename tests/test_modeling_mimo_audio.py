@@ -30,7 +30,7 @@ BF16_ATOL = {
     "backbone_last_hidden_state": 0.05,
     "text_logits": 0.04,
     "local_hidden_states": 0.03,
-    "local_logits": 0.04,
+    "local_logits": 0.02,
 }
 
 _GOLDENS = {}

@@ -435,8 +435,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     ) -> torch.Tensor:
         """
         Patch decoder input for a set of codes: the sum over the active codebooks of the shared `audio_embeddings`,
-        through `patch_decoder.embeddings_proj` when the widths differ; zeros where no codebook is active. Empty ids
-        are embedded like any other code (the decoder never emits them).
+        each through `patch_decoder.embeddings_proj` when the widths differ (the original's order); zeros where no
+        codebook is active. Empty ids are embedded like any other code (the decoder never emits them).
 
         Args:
             audio_codes (`torch.LongTensor` of shape `(..., audio_channels)`):
@@ -459,10 +459,11 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         for channel, table in enumerate(self.model.audio_embeddings):
             active = codebook_mask[..., channel]
             codes = audio_codes[..., channel].masked_fill(~active, 0)
-            channel_embeds = table(codes) * active.unsqueeze(-1).to(table.weight.dtype)
+            channel_embeds = table(codes)
+            if self.patch_decoder.embeddings_proj is not None:
+                channel_embeds = self.patch_decoder.embeddings_proj(channel_embeds)
+            channel_embeds = channel_embeds * active.unsqueeze(-1).to(channel_embeds.dtype)
             embeds = channel_embeds if embeds is None else embeds + channel_embeds
-        if self.patch_decoder.embeddings_proj is not None:
-            embeds = self.patch_decoder.embeddings_proj(embeds)
         return embeds
 
     def get_audio_logits(self, patch_decoder_hidden_states: torch.Tensor, codebook: int) -> torch.Tensor:
