@@ -136,7 +136,7 @@ def part_throughput(args):
     print("|---|---|---|---|---|---|")
     for label, kwargs in modes:
         if kwargs.pop("compile", False):
-            model.patch_decoder.compile(dynamic=False)
+            model.patch_decoder.compile()
         baseline = None
         for batch_size in args.batch_sizes:
             prefill, per_step, rate = throughput(
@@ -205,6 +205,32 @@ def part_patch_decoder_cost(args):
     print("|---|---|---|---|")
     for label, seconds in rows:
         print(f"| {label} | {llm * 1e3:.1f} | {seconds * 1e3:.1f} | {seconds / llm:.0%} |")
+    patch_reads, llm_reads = weight_reads(model)
+    print(
+        f"\nWeights read at batch 1 (the bound when both are memory-bound, the same at every `--scale`): "
+        f"{patch_reads / 1e6:.0f}M per patch vs {llm_reads / 1e6:.0f}M per LLM step = {patch_reads / llm_reads:.0%}."
+    )
+
+
+def weight_reads(model) -> tuple[int, int]:
+    """Parameters read per patch (every decoder step reads all layers; each head serves `group_size` steps) and
+    per LLM step (backbone, text head and the patch encoder of the input position)."""
+    config = model.config
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    decoder = model.patch_decoder
+    steps = config.patch_decoder_steps
+    patch = (
+        steps * (count(decoder.layers) + count(decoder.norm))
+        + config.group_size * count(decoder.heads)
+        + count(decoder.input_proj)
+        + (steps - 1) * count(decoder.embeddings_proj)
+    )
+    llm = count(model.model.language_model) - count(model.get_input_embeddings())
+    llm += count(model.lm_head) + count(model.model.patch_encoder)
+    return patch, llm
 
 
 def main():
