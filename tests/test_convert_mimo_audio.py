@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoTokenizer, GenerationConfig, Qwen2Tokenizer
+from transformers import AutoModel, AutoProcessor, AutoTokenizer, GenerationConfig, Qwen2Tokenizer
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
 from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
@@ -264,6 +264,12 @@ def test_convert_checkpoint_with_codec(tmp_path):
         embed = handle.get_tensor("encoder.quantizer.vq.layers.0._codebook.embed")
     assert any(torch.equal(tensor, embed) for tensor in codec.state_dict().values())
 
+    # Text tokenizer + codec given: the processor files are written too, and AutoProcessor assembles all three.
+    assert (output / "processor_config.json").is_file()
+    processor = AutoProcessor.from_pretrained(output)
+    assert type(processor).__name__ == "MiMoAudioProcessor" and processor.empty_token_id == 405
+    assert type(processor.audio_tokenizer).__name__ == "MiMoAudioTokenizerModel"
+
 
 def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     output = tmp_path / "hf"
@@ -278,6 +284,9 @@ def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="not an original MiMo-Audio config"):
         convert(output, tmp_path / "again")
+    with pytest.raises(ValueError, match="must differ from --input_dir"):
+        convert(output, output, force=True)
+    assert (output / "model.safetensors").is_file()
 
 
 def test_verification_detects_a_changed_weight(tmp_path):

@@ -26,6 +26,7 @@ from .configuration_mimo_audio import (
     special_token_ids_from_vocab,
 )
 from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
+from .processing_mimo_audio import MiMoAudioProcessor
 from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
 
 
@@ -182,6 +183,8 @@ def convert(
     `verify`, both checkpoints are run on a sample afterwards and must give identical logits (`verify_conversion`).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if output_dir.resolve() == input_dir.resolve():
+        raise ValueError("--output_dir must differ from --input_dir: the conversion never writes over the original.")
     config_path = input_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: --input_dir must be an original MiMo-Audio checkpoint.")
@@ -235,6 +238,9 @@ def convert(
         convert_mimo_audio_tokenizer_checkpoint(
             tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, verify=verify
         )
+        if tokenizer is not None:
+            # Text tokenizer + codec are both there: write the processor files (processor_config.json, ...).
+            MiMoAudioProcessor.from_pretrained(output_dir).save_pretrained(output_dir)
     if verify and (difference := verify_conversion(input_dir, output_dir, dtype)) != 0:
         raise ValueError(f"Verification failed: the converted checkpoint's logits differ by up to {difference}.")
     return output_dir
