@@ -1,0 +1,598 @@
+"""The `mimo-audio` command: MiMo-Audio tasks, the codec round trip, checkpoint conversion and an offline demo.
+
+    mimo-audio demo                                      # tiny bundled random checkpoints, no network
+    mimo-audio tts "Today is a nice day." --output day.wav [--instruct STYLE] [--voice PROMPT.wav]
+    mimo-audio asr speech.wav
+    mimo-audio understand clip.wav --question "What is happening?" [--thinking]
+    mimo-audio chat --audio question.wav [--text ...] [--assistant ...] [--system ...] [--output reply.wav]
+    mimo-audio reconstruct speech.wav --output speech_codec.wav [--num-quantizers 8]
+    mimo-audio convert {lm,tokenizer} --input_dir ... --output_dir ...
+
+The model commands load the language model from `--model` (default `XiaomiMiMo/MiMo-Audio-7B-Instruct`) and the
+codec from `--audio-tokenizer` (default: the `audio_tokenizer/` folder of a converted `--model` directory, else
+`XiaomiMiMo/MiMo-Audio-Tokenizer`); both may be Hub ids or local directories, in the original or the converted format.
+Results go to stdout, progress and loading messages to stderr. Exit codes: 0 success, 1 runtime failure, 2 usage or
+input error.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+DEFAULT_MODEL = "XiaomiMiMo/MiMo-Audio-7B-Instruct"
+DEFAULT_AUDIO_TOKENIZER = "XiaomiMiMo/MiMo-Audio-Tokenizer"
+DEMO_DIR = Path(__file__).with_name("demo")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An expected failure: its message is printed without a traceback and the command exits with `exit_code`."""
+
+    exit_code = EXIT_FAILURE
+
+
+class InputError(CLIError):
+    """Bad arguments or input files."""
+
+    exit_code = EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+
+def _check_input_file(path: str, what: str = "audio file") -> str:
+    """An existing audio file soundfile can read (checked before any model is loaded)."""
+    import soundfile as sf
+
+    if not os.path.exists(path):
+        raise InputError(f"{what} {path!r} does not exist.")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path!r} is not a file.")
+    try:
+        sf.info(path)
+    except Exception as error:  # soundfile raises several error types for unreadable files
+        raise InputError(f"cannot read {what} {path!r} as audio ({error}).") from error
+    return path
+
+
+def _check_output_file(path: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output {str(path)!r} is a directory; give a file name such as {str(path / 'out.wav')!r}.")
+    if not path.parent.is_dir():
+        raise InputError(f"the folder of the output file {str(path)!r} does not exist.")
+    if path.suffix.lower() not in (".wav", ".flac", ".ogg"):
+        raise InputError(f"output {str(path)!r} must end in .wav, .flac or .ogg.")
+    return path
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (`owner/name`)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_checkpoint(name: str, option: str) -> str:
+    """A local checkpoint directory with a `config.json`, or a Hub id (resolved when loading)."""
+    if os.path.exists(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise InputError(f"{option} {name!r} is not a checkpoint directory (no config.json in it).")
+        return name
+    if _looks_local(name):
+        raise InputError(f"{option} {name!r}: no such directory.")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def _resolve_device_and_dtype(args) -> tuple[str, torch.dtype]:
+    device = args.device
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = DTYPES[args.dtype]
+    return device, dtype
+
+
+def _feature_extractor_for(codec):
+    """The feature extractor matching a codec's configuration (as the conversion script writes it)."""
+    from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+
+    config = codec.config
+    return MiMoAudioFeatureExtractor(
+        n_mels=config.n_mels,
+        sampling_rate=config.sampling_rate,
+        n_fft=config.nfft,
+        hop_length=config.hop_length,
+        win_length=config.window_size,
+        fmin=config.fmin,
+        fmax=config.fmax,
+    )
+
+
+def load_audio_tokenizer(path: str, device: str, dtype: torch.dtype):
+    """The codec from an original or converted directory (or Hub id), in eval mode on `device`."""
+    from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
+
+    print(f"Loading the audio tokenizer from {path} ...", file=sys.stderr)
+    try:
+        codec = MiMoAudioTokenizerModel.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise CLIError(f"cannot load the audio tokenizer from {path!r}: {error}") from error
+    return codec.to(device).eval()
+
+
+def load_model_and_processor(args):
+    """
+    The language model and a `MiMoAudioProcessor` assembled from the model's text tokenizer, the codec and the
+    feature extractor matching the codec (the model directory may be an original checkpoint without processor files).
+    """
+    from transformers import AutoTokenizer
+
+    from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
+    from .processing_mimo_audio import MiMoAudioProcessor
+    from .training_mimo_audio import QUANTIZATION_SKIP_MODULES
+
+    model_path = _check_checkpoint(args.model, "--model")
+    codec_path = args.audio_tokenizer
+    if codec_path is None:
+        bundled = os.path.join(model_path, "audio_tokenizer")
+        codec_path = bundled if os.path.isfile(os.path.join(bundled, "config.json")) else DEFAULT_AUDIO_TOKENIZER
+    codec_path = _check_checkpoint(codec_path, "--audio-tokenizer")
+    device, dtype = _resolve_device_and_dtype(args)
+
+    load_kwargs = {"dtype": dtype}
+    if args.load_in_4bit or args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        # Only the LLM's linear layers are quantized (see training_mimo_audio.QUANTIZATION_SKIP_MODULES).
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=args.load_in_4bit,
+            load_in_8bit=args.load_in_8bit,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
+        )
+        load_kwargs["device_map"] = {"": device}
+    print(f"Loading the model from {model_path} ...", file=sys.stderr)
+    try:
+        model = MiMoAudioForConditionalGeneration.from_pretrained(model_path, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ImportError) as error:
+        raise CLIError(f"cannot load the model from {model_path!r}: {error}") from error
+    if "device_map" not in load_kwargs:
+        model.to(device)
+    model.eval()
+
+    codec = load_audio_tokenizer(codec_path, device, dtype)
+    config = model.config
+    processor = MiMoAudioProcessor(
+        _feature_extractor_for(codec),
+        tokenizer,
+        audio_tokenizer=codec,
+        group_size=config.group_size,
+        audio_channels=config.audio_channels,
+        audio_empty_ids=config.audio_empty_ids,
+    )
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------------- generation
+
+
+class GenerationProgress:
+    """A `generate` streamer that advances a progress bar per generated position and counts the speech patches."""
+
+    def __init__(self, total: int, empty_token_id: int, description: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit="pos", file=sys.stderr, disable=None, leave=False)
+        self.empty_token_id = empty_token_id
+        self.speech_patches = 0
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor):
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self.speech_patches += int((value == self.empty_token_id).sum())
+        self.bar.update(1)
+        self.bar.set_postfix(speech_patches=self.speech_patches, refresh=False)
+
+    def end(self):
+        self.bar.close()
+
+
+def _generation_config(model, tokenizer, args, stop_ids: list[int]):
+    """The checkpoint's generation settings (the original's sampling defaults when it stores none) with the
+    command line's length, sampling and stop tokens."""
+    from .convert_mimo_audio_to_hf import default_generation_config
+
+    config = copy.deepcopy(model.generation_config)
+    if getattr(config, "audio_temperature", None) is None:  # an original checkpoint: no sampling defaults stored
+        config = default_generation_config(model.config, tokenizer)
+    config.max_length = None
+    config.max_new_tokens = args.max_new_tokens
+    config.eos_token_id = stop_ids
+    config.pad_token_id = tokenizer.pad_token_id
+    config.return_dict_in_generate = True
+    if args.greedy:
+        config.do_sample = False
+        config.audio_do_sample = False
+    return config
+
+
+def run_generation(model, processor, inputs, args, speech: bool, description: str):
+    """`generate` with a progress bar, then `batch_decode`. Returns `(text, waveform or None, speech patches)`."""
+    from transformers import set_seed
+
+    tokenizer = processor.tokenizer
+    stop_ids = [tokenizer.eos_token_id, processor.im_end_token_id]
+    if speech:
+        stop_ids.append(processor.eostm_token_id)
+    if args.seed is not None:
+        set_seed(args.seed)
+    progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            generation_config=_generation_config(model, tokenizer, args, stop_ids),
+            streamer=progress,
+        )
+        decoded = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
+    return decoded.text[0], decoded.audio[0], progress.speech_patches
+
+
+def _write_speech(processor, waveform, path: Path, patches: int) -> str:
+    if waveform is None:
+        raise CLIError(
+            "no speech was generated (the model stopped before producing any audio patch); try again with another "
+            "--seed or a larger --max-new-tokens."
+        )
+    processor.save_audio(waveform, path)
+    seconds = waveform.shape[-1] / processor.sampling_rate
+    return f"speech: {patches} patch(es), {seconds:.2f} s at {processor.sampling_rate} Hz -> {path}"
+
+
+# --------------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_tts(args) -> int:
+    output = _check_output_file(args.output)
+    voice = None if args.voice is None else _check_input_file(args.voice, "voice prompt")
+    if not args.text.strip():
+        raise InputError("the text to speak is empty.")
+    model, processor = load_model_and_processor(args)
+    inputs = processor.tts(args.text, style=args.instruct, voice=voice)
+    text, waveform, patches = run_generation(model, processor, inputs, args, speech=True, description="tts")
+    print(f"text: {text}")
+    print(_write_speech(processor, waveform, output, patches))
+    return 0
+
+
+def cmd_asr(args) -> int:
+    audio = _check_input_file(args.audio)
+    model, processor = load_model_and_processor(args)
+    text, _, _ = run_generation(model, processor, processor.asr(audio), args, speech=False, description="asr")
+    print(text)
+    return 0
+
+
+def cmd_understand(args) -> int:
+    audio = _check_input_file(args.audio)
+    if not args.question.strip():
+        raise InputError("--question is empty.")
+    model, processor = load_model_and_processor(args)
+    inputs = processor.audio_understanding(audio, args.question, thinking=args.thinking)
+    text, _, _ = run_generation(model, processor, inputs, args, speech=False, description="understand")
+    print(text)
+    return 0
+
+
+class _AppendTurn(argparse.Action):
+    """`--text` / `--audio` add an item to the current user turn, `--assistant` adds an earlier reply, in order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        turns = list(getattr(namespace, self.dest) or [])
+        turns.append((option_string.lstrip("-"), value))
+        setattr(namespace, self.dest, turns)
+
+
+def _chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
+    messages, items = [], []
+    for kind, value in turns:
+        if kind == "assistant":
+            if not items:
+                raise InputError("--assistant must follow the user turn it answers (--text / --audio).")
+            messages += [{"role": "user", "content": items}, {"role": "assistant", "content": value}]
+            items = []
+        elif kind == "audio":
+            items.append({"type": "audio", "path": _check_input_file(value)})
+        else:
+            items.append({"type": "text", "text": value})
+    if not items:
+        raise InputError("the conversation must end with a user turn: add --text and/or --audio after the last --assistant.")
+    return messages + [{"role": "user", "content": items}]
+
+
+def cmd_chat(args) -> int:
+    if not args.turns:
+        raise InputError("give the user turn with --text and/or --audio.")
+    messages = _chat_messages(args.turns)
+    output = None if args.output is None else _check_output_file(args.output)
+    voice = None if args.voice is None else _check_input_file(args.voice, "voice prompt")
+    if voice is not None and output is None:
+        raise InputError("--voice sets the voice of a spoken reply: add --output reply.wav.")
+    model, processor = load_model_and_processor(args)
+    inputs = processor.spoken_dialogue(
+        messages, system_prompt=args.system, voice=voice, output_modality="audio" if output else "text"
+    )
+    text, waveform, patches = run_generation(model, processor, inputs, args, speech=output is not None, description="chat")
+    print(text)
+    if output is not None:
+        print(_write_speech(processor, waveform, output, patches))
+    return 0
+
+
+def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate: int, num_quantizers: int | None):
+    """
+    Codec round trip of one clip: waveform `(channels, samples)` -> log-mel -> codes `(num_quantizers, frames)` ->
+    waveform `(samples,)` at the codec's rate. Encoding runs segment by segment (`config.segment_length` mel frames,
+    which the codec encodes independently anyway) and decoding in segments of 1500 code frames as the processor decodes
+    generated speech, each with a progress bar; a clip shorter than 60 s is one codec call each way.
+    """
+    from tqdm.auto import tqdm
+
+    from .processing_mimo_audio import DECODE_SEGMENT_FRAMES
+
+    features = feature_extractor(waveform, sampling_rate=sampling_rate)["input_features"]
+    segment = codec.config.segment_length
+    codes = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, features.shape[-1], segment), desc="encode", file=sys.stderr, disable=None, leave=False):
+            chunk = features[..., start : start + segment].to(codec.device, codec.dtype)
+            codes.append(codec.encode(chunk, num_quantizers=num_quantizers).audio_codes[0])
+        codes = torch.cat(codes, dim=-1)
+        audio = []
+        for start in tqdm(range(0, codes.shape[-1], DECODE_SEGMENT_FRAMES), desc="decode", file=sys.stderr, disable=None, leave=False):
+            decoded = codec.decode(codes[None, :, start : start + DECODE_SEGMENT_FRAMES])
+            audio.append(decoded.audio_values[0, 0].float().cpu())
+    return codes.cpu(), torch.cat(audio)
+
+
+def cmd_reconstruct(args) -> int:
+    import soundfile as sf
+
+    source = _check_input_file(args.input)
+    output = _check_output_file(args.output)
+    device, dtype = _resolve_device_and_dtype(args)
+    codec = load_audio_tokenizer(_check_checkpoint(args.audio_tokenizer, "--audio-tokenizer"), device, dtype)
+    if args.num_quantizers is not None and not 1 <= args.num_quantizers <= codec.config.num_quantizers:
+        raise InputError(f"--num-quantizers must be between 1 and {codec.config.num_quantizers}, got {args.num_quantizers}.")
+    array, rate = sf.read(source, dtype="float32", always_2d=True)
+    if array.shape[0] == 0:
+        raise InputError(f"{source!r} holds no samples.")
+    waveform = torch.from_numpy(array.T.copy())  # (channels, samples); the feature extractor downmixes and resamples
+    codes, audio = reconstruct(codec, _feature_extractor_for(codec), waveform, rate, args.num_quantizers)
+    rate_out = codec.config.sampling_rate
+    # 32-bit float WAV, so the file holds the codec output exactly.
+    sf.write(output, audio.numpy(), rate_out, subtype="FLOAT" if output.suffix.lower() == ".wav" else None)
+    print(f"input: {source}, {array.shape[0] / rate:.2f} s at {rate} Hz, {array.shape[1]} channel(s)")
+    print(f"codes: {tuple(codes.shape)} (quantizers, frames at {codec.config.frame_rate:g} Hz)")
+    print(f"output: {output}, {audio.shape[0] / rate_out:.2f} s at {rate_out} Hz ({audio.shape[0]} samples)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    if args.what == "lm":
+        from .convert_mimo_audio_to_hf import main as convert_main
+    else:
+        from .convert_mimo_audio_tokenizer_to_hf import main as convert_main
+    try:
+        convert_main(args.arguments)
+    except SystemExit as exit:  # argparse usage errors (2) and the tokenizer script's error messages (1)
+        if exit.code is None or isinstance(exit.code, int):
+            return exit.code or 0
+        print(f"mimo-audio convert {args.what}: {str(exit.code).removeprefix('error: ')}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (FileNotFoundError, FileExistsError) as error:
+        raise InputError(str(error)) from error
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- demo
+
+
+def _demo_question(sampling_rate: int, seconds: float = 1.5) -> torch.Tensor:
+    """A synthetic spoken-question stand-in: a vowel-like tone with a rising pitch, `(samples,)` at `sampling_rate`."""
+    time = torch.arange(int(seconds * sampling_rate)) / sampling_rate
+    pitch = 140.0 + 60.0 * time / seconds
+    phase = 2 * math.pi * torch.cumsum(pitch, 0) / sampling_rate
+    voice = sum(torch.sin(harmonic * phase) / harmonic for harmonic in (1, 2, 3, 4))
+    return 0.2 * voice * torch.sin(math.pi * time / seconds)
+
+
+def cmd_demo(args) -> int:
+    output = _check_output_file(args.output)
+    dialogue_output = output.with_name(f"{output.stem}-dialogue{output.suffix}")
+    args.model = str(DEMO_DIR / "lm")
+    args.audio_tokenizer = str(DEMO_DIR / "audio_tokenizer")
+    args.device, args.dtype, args.load_in_4bit, args.load_in_8bit = "cpu", "float32", False, False
+    model, processor = load_model_and_processor(args)
+
+    print("MiMo-Audio demo on tiny RANDOMLY INITIALISED test checkpoints (bundled, no network):")
+    print(f"  model: {args.model}")
+    print(f"  audio tokenizer: {args.audio_tokenizer}")
+    print(f"  generation: sampling with seed {args.seed}, at most {args.max_new_tokens} positions")
+
+    sentence = "Hello from MiMo-Audio."
+    print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode")
+    text, waveform, patches = run_generation(model, processor, processor.tts(sentence), args, speech=True, description="tts")
+    print(f"  generated text: {text!r}")
+    print("  " + _write_speech(processor, waveform, output, patches))
+
+    question = _demo_question(processor.sampling_rate)
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": question}]}]
+    print(
+        f"\n[2] Spoken dialogue: a synthetic {question.shape[0] / processor.sampling_rate:.1f} s tone as the user's "
+        "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode"
+    )
+    inputs = processor.spoken_dialogue(conversation)
+    text, waveform, patches = run_generation(model, processor, inputs, args, speech=True, description="dialogue")
+    print(f"  generated text: {text!r}")
+    print("  " + _write_speech(processor, waveform, dialogue_output, patches))
+
+    print(
+        "\nThe weights are random, so the text is gibberish and the audio is noise, not speech. Use --model and "
+        "--audio-tokenizer with the real checkpoints (e.g. `mimo-audio tts ...`) for meaningful output."
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- parser
+
+
+def _model_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"LM checkpoint: Hub id or directory (default {DEFAULT_MODEL})")
+    group.add_argument(
+        "--audio-tokenizer",
+        default=None,
+        help=f"codec checkpoint: Hub id or directory (default: MODEL/audio_tokenizer if present, else {DEFAULT_AUDIO_TOKENIZER})",
+    )
+    _device_options(group)
+    quantization = group.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="quantize the LLM to 4 bits (bitsandbytes)")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes)")
+    _generation_options(parent.add_argument_group("generation"), max_new_tokens=1024, seed=None)
+    return parent
+
+
+def _device_options(group):
+    group.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: cuda if available, else cpu)")
+    group.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (default: bfloat16 on cuda, else float32)"
+    )
+
+
+def _generation_options(group, max_new_tokens: int, seed: int | None):
+    group.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help=f"most positions to generate (default {max_new_tokens})"
+    )
+    group.add_argument("--seed", type=int, default=seed, help="random seed for sampling" + (f" (default {seed})" if seed is not None else ""))
+    group.add_argument("--greedy", action="store_true", help="greedy decoding of text and audio instead of sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mimo-audio",
+        description="MiMo-Audio: text to speech, speech recognition, audio understanding, spoken chat, codec round "
+        "trips and checkpoint conversion.",
+        epilog="Run `mimo-audio demo` to try the whole pipeline offline on tiny random checkpoints.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    model = _model_options()
+
+    tts = commands.add_parser("tts", parents=[model], help="text to speech")
+    tts.add_argument("text", help="the text to speak")
+    tts.add_argument("--output", required=True, help="WAV file to write")
+    tts.add_argument("--instruct", default=None, metavar="STYLE", help='style instruction, e.g. "speak slowly and calmly"')
+    tts.add_argument("--voice", default=None, metavar="PROMPT.wav", help="voice prompt to clone")
+    tts.set_defaults(handler=cmd_tts)
+
+    asr = commands.add_parser("asr", parents=[model], help="speech recognition")
+    asr.add_argument("audio", help="audio file (wav, flac, mp3, ...)")
+    asr.set_defaults(handler=cmd_asr)
+
+    understand = commands.add_parser("understand", parents=[model], help="answer a question about an audio clip")
+    understand.add_argument("audio", help="audio file")
+    understand.add_argument("--question", required=True, help="the question")
+    understand.add_argument("--thinking", action="store_true", help="let the model reason first")
+    understand.set_defaults(handler=cmd_understand)
+
+    chat = commands.add_parser(
+        "chat",
+        parents=[model],
+        help="chat with text and spoken turns",
+        description="Turns in order: --text and --audio add to the current user turn, --assistant adds an earlier "
+        "reply. The answer is text, or speech with --output.",
+    )
+    for option, help_text in (
+        ("--text", "text in the user turn"),
+        ("--audio", "audio file in the user turn"),
+        ("--assistant", "an earlier assistant reply (text), ending the user turn before it"),
+    ):
+        chat.add_argument(option, dest="turns", action=_AppendTurn, metavar=option.strip("-").upper(), help=help_text)
+    chat.add_argument("--system", default=None, help="system prompt (put at the start of the first user turn)")
+    chat.add_argument("--output", default=None, help="answer in speech and write it to this WAV file")
+    chat.add_argument("--voice", default=None, metavar="PROMPT.wav", help="voice prompt for the spoken answer")
+    chat.set_defaults(handler=cmd_chat)
+
+    rebuild = commands.add_parser("reconstruct", help="codec round trip of an audio file: encode to codes, decode to WAV")
+    rebuild.add_argument("input", help="audio file")
+    rebuild.add_argument("--output", required=True, help="WAV file to write (32-bit float)")
+    rebuild.add_argument("--num-quantizers", type=int, default=None, help="quantizers to keep (default: all; the LM uses 8)")
+    rebuild.add_argument(
+        "--audio-tokenizer", default=DEFAULT_AUDIO_TOKENIZER, help=f"codec: Hub id or directory (default {DEFAULT_AUDIO_TOKENIZER})"
+    )
+    _device_options(rebuild)
+    rebuild.set_defaults(handler=cmd_reconstruct)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert an original checkpoint to the Hugging Face layout",
+        description="`convert lm ARGS` runs transformers_mimo.convert_mimo_audio_to_hf, `convert tokenizer ARGS` "
+        "runs transformers_mimo.convert_mimo_audio_tokenizer_to_hf; `convert lm --help` lists their arguments.",
+    )
+    convert.add_argument("what", choices=["lm", "tokenizer"], help="which checkpoint")
+    convert.add_argument("arguments", nargs=argparse.REMAINDER, help="arguments of the conversion script")
+    convert.set_defaults(handler=cmd_convert)
+
+    demo = commands.add_parser("demo", help="run TTS and a spoken-dialogue turn on tiny bundled random checkpoints")
+    demo.add_argument("--output", default="demo.wav", help="WAV of the TTS answer (default demo.wav; the dialogue "
+                      "answer goes to <name>-dialogue.wav)")
+    _generation_options(demo, max_new_tokens=40, seed=0)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help (0) or a usage error (2), already printed by argparse
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    if getattr(args, "max_new_tokens", 1) < 1:
+        print(f"mimo-audio {args.command}: error: --max-new-tokens must be positive.", file=sys.stderr)
+        return EXIT_USAGE
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    try:
+        return args.handler(args)
+    except CLIError as error:
+        print(f"mimo-audio {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
+        print(f"mimo-audio {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"mimo-audio {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
