@@ -73,7 +73,9 @@ def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, to
     input_ids = torch.randint(0, config.empty_token_id, (batch_size, length), generator=generator)
     input_ids[:, 1::2] = config.empty_token_id
     sizes = torch.tensor(config.audio_empty_ids)  # codes below each empty id
-    audio = (torch.rand(batch_size, length, config.group_size, config.audio_channels, generator=generator) * sizes).long()
+    audio = (
+        torch.rand(batch_size, length, config.group_size, config.audio_channels, generator=generator) * sizes
+    ).long()
     audio[input_ids != config.empty_token_id] = sizes
     return input_ids, audio
 
@@ -180,7 +182,9 @@ def part_patch_decoder_cost(args):
     position_ids = torch.tensor([[args.prompt_length]])
 
     def llm_step():  # one audio position in, text logits and hidden state out (patch encoder included)
-        model(input_ids[:, -1:], audio[:, -1:], cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids[:, -1:], audio[:, -1:], cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1
+        )
         cache.crop(-1)
 
     generation_config = GenerationConfig(do_sample=False)

@@ -302,7 +302,9 @@ def test_static_llm_cache_and_num_return_sequences(models, golden):
     input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
     prompt_length = input_ids.shape[1]
     dynamic = model.generate(input_ids, audio_input_ids, max_new_tokens=12, eos_token_id=None)
-    static = model.generate(input_ids, audio_input_ids, max_new_tokens=12, eos_token_id=None, cache_implementation="static")
+    static = model.generate(
+        input_ids, audio_input_ids, max_new_tokens=12, eos_token_id=None, cache_implementation="static"
+    )
     assert torch.equal(static.sequences, dynamic.sequences)
     assert torch.equal(static.audio_sequences, dynamic.audio_sequences)
     assert torch.equal(dynamic.sequences[0, prompt_length:], tensors["fp32.icl.gen_nostop.step_text_token"])
@@ -317,6 +319,98 @@ def test_static_llm_cache_and_num_return_sequences(models, golden):
         assert torch.equal(sampled.sequences[row, :prompt_length], input_ids[0])
         assert torch.equal(sampled.audio_sequences[row, :prompt_length], audio_input_ids[0])
     assert not torch.equal(sampled.audio_sequences[0], sampled.audio_sequences[1])
+
+
+def test_other_config_patches_match_teacher_forcing_and_batch():
+    """A config unlike the goldens (3 codebooks, group size 3, delays [0, 2, 1], empty ids not last, projected
+    embeddings): every generated patch equals the greedy choice of the teacher-forced patch decoder, whose logits
+    match the ones generate() reports, and each sample of the batch equals that sample alone."""
+    from transformers_mimo.configuration_mimo_audio import MiMoAudioConfig
+
+    torch.manual_seed(0)
+    wide_init = {"initializer_range": 0.3}  # clear margins between the top logits
+    config = MiMoAudioConfig(
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            **wide_init,
+        },
+        patch_encoder_config={
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 12,
+            **wide_init,
+        },
+        patch_decoder_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            **wide_init,
+        },
+        group_size=3,
+        audio_channels=3,
+        audio_vocab_sizes=[17, 9, 5],
+        audio_empty_ids=[0, 8, 2],
+        delay_pattern=[0, 2, 1],
+        empty_token_id=60,
+        **wide_init,
+    )
+    config._attn_implementation = "sdpa"
+    model = MiMoAudioForConditionalGeneration(config).eval()
+    assert model.patch_decoder.embeddings_proj is not None and config.patch_decoder_steps == 5
+
+    input_ids = torch.randint(0, 59, (2, 7))
+    input_ids[:, 2:4] = config.empty_token_id
+    audio_input_ids = torch.stack([torch.randint(0, size, (2, 7, 3)) for size in config.audio_vocab_sizes], dim=-1)
+
+    class AudioOnEvenLengths(LogitsProcessor):
+        def __call__(self, ids, scores):
+            scores = scores.clone()
+            scores[:, config.empty_token_id] += 100.0 * (ids.shape[1] % 2 == 0)
+            return scores
+
+    kwargs = {
+        "max_new_tokens": 8,
+        "eos_token_id": None,
+        "logits_processor": LogitsProcessorList([AudioOnEvenLengths()]),
+    }
+    out = model.generate(input_ids, audio_input_ids, return_dict_in_generate=True, output_logits=True, **kwargs)
+    prompt_length = input_ids.shape[1]
+    new_text = out.sequences[:, prompt_length:]
+    new_audio = out.audio_sequences[:, prompt_length:]
+    is_audio = new_text == config.empty_token_id
+    assert is_audio[:, 1::2].all() and not is_audio[:, ::2].any()
+
+    empty = torch.tensor(config.audio_empty_ids)
+    assert (new_audio[~is_audio] == empty).all()
+    assert not (new_audio[is_audio] == empty).any()
+
+    with torch.no_grad():
+        hidden = model(out.sequences[:, :-1], out.audio_sequences[:, :-1]).last_hidden_state[:, prompt_length - 1 :]
+        forced = model.teacher_forced_audio_logits(hidden[is_audio], new_audio[is_audio])
+    reported = stacked_audio(out.audio_logits, sample=0), stacked_audio(out.audio_logits, sample=1)
+    for channel, logits in enumerate(forced):
+        banned = logits.clone()
+        banned[..., config.audio_empty_ids[channel]] = float("-inf")
+        assert torch.equal(banned.argmax(-1), new_audio[is_audio][..., channel])
+        ours = torch.cat([reported[0][channel][is_audio[0]], reported[1][channel][is_audio[1]]])
+        torch.testing.assert_close(ours, logits, rtol=0, atol=FP32_ATOL)
+
+    alone = model.generate(input_ids[1:], audio_input_ids[1:], **kwargs)
+    assert torch.equal(alone.sequences[0], out.sequences[1])
+    assert torch.equal(alone.audio_sequences[0], out.audio_sequences[1])
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
@@ -388,7 +482,7 @@ def test_sampled_audio_never_emits_empty_ids(models, golden):
 def test_user_logits_processor_and_stopping_criteria(models, golden):
     tensors, _ = golden("lm_a")
     model = models("lm_a")
-    input_ids, audio_input_ids = grid_to_inputs(tensors["text.input_ids_grid"], model.config.group_size)
+    input_ids, _ = grid_to_inputs(tensors["text.input_ids_grid"], model.config.group_size)
     forced = [7, model.config.empty_token_id, 9]
 
     class ForceTokens(LogitsProcessor):
@@ -418,7 +512,7 @@ def test_user_logits_processor_and_stopping_criteria(models, golden):
 
 
 def test_max_new_tokens_counts_llm_positions_and_text_only_prompt_default(models, golden):
-    tensors, manifest = golden("lm_b")
+    tensors, _ = golden("lm_b")
     model = models("lm_b")
     input_ids, audio_input_ids = grid_to_inputs(tensors["text.input_ids_grid"], model.config.group_size)
     # a text-only prompt: audio_input_ids may be omitted (all empty ids)
@@ -466,7 +560,9 @@ def test_streamers_receive_every_step(models, golden):
     model.generate(input_ids, audio_input_ids, max_new_tokens=3, eos_token_id=None, streamer=plain)
     assert plain.ended and len(plain.values) == 4
     assert torch.equal(plain.values[0], input_ids)
-    assert torch.equal(torch.stack(plain.values[1:], dim=1), out.sequences[:, input_ids.shape[1] : input_ids.shape[1] + 3])
+    assert torch.equal(
+        torch.stack(plain.values[1:], dim=1), out.sequences[:, input_ids.shape[1] : input_ids.shape[1] + 3]
+    )
 
 
 def test_audio_controls_round_trip_through_generation_config(models, golden, tmp_path):
@@ -499,7 +595,9 @@ def test_audio_controls_round_trip_through_generation_config(models, golden, tmp
         from_config = model.generate(input_ids, audio_input_ids, eos_token_id=None)
         # keyword arguments override the stored values
         torch.manual_seed(0)
-        overridden = model.generate(input_ids, audio_input_ids, eos_token_id=None, audio_top_k=0, audio_temperature=3.0)
+        overridden = model.generate(
+            input_ids, audio_input_ids, eos_token_id=None, audio_top_k=0, audio_temperature=3.0
+        )
     finally:
         model.generation_config = original
     greedy = model.generate(input_ids, audio_input_ids, max_new_tokens=5, eos_token_id=None)

@@ -304,7 +304,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                     raw[channel].append(logits)
                     processed[channel].append(scores)
             if step < num_steps - 1:
-                inputs_embeds = self.embed_patch_decoder_codes(step_codes[:, None], active[step]).to(inputs_embeds.dtype)
+                inputs_embeds = self.embed_patch_decoder_codes(step_codes[:, None], active[step]).to(
+                    inputs_embeds.dtype
+                )
         if not keep_scores:
             return codes, None, None
         return codes, [torch.stack(rows, dim=1) for rows in raw], [torch.stack(rows, dim=1) for rows in processed]
