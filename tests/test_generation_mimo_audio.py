@@ -526,6 +526,14 @@ def test_max_new_tokens_counts_llm_positions_and_text_only_prompt_default(models
     assert torch.equal(without.sequences[0, input_ids.shape[1] :], expected)
     # without return_dict_in_generate, no scores or cache
     assert without.scores is None and without.logits is None and without.cache is None
+    with_states = model.generate(
+        input_ids, max_new_tokens=3, eos_token_id=None, return_dict_in_generate=True, output_hidden_states=True
+    )
+    hidden_size = model.config.text_config.hidden_size
+    assert len(with_states.hidden_states) == 3
+    assert with_states.hidden_states[0][-1].shape == (1, input_ids.shape[1], hidden_size)  # prefill
+    assert with_states.hidden_states[2][-1].shape == (1, 1, hidden_size)
+    assert with_states.cache.get_seq_length() == input_ids.shape[1] + 2
 
 
 def test_streamers_receive_every_step(models, golden):

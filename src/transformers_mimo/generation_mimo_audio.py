@@ -58,6 +58,8 @@ class MiMoAudioGenerateOutput(GenerateDecoderOnlyOutput):
             processed scores each frame was sampled from. Rows of samples that got no audio patch at that step are NaN.
         audio_logits (`tuple(tuple(torch.FloatTensor))`, *optional*, returned with `logits`):
             Same layout as `audio_scores`, with the raw patch decoder logits.
+        attentions, hidden_states (`tuple(tuple(torch.FloatTensor))`, *optional*):
+            The LLM's, per step, with `return_dict_in_generate=True` and `output_attentions` / `output_hidden_states`.
         cache (`Cache`, *optional*, returned when `return_dict_in_generate=True`):
             The LLM cache.
     """
@@ -326,6 +328,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         return_dict_in_generate = generation_config.return_dict_in_generate
         output_scores = return_dict_in_generate and generation_config.output_scores
         output_logits = return_dict_in_generate and generation_config.output_logits
+        output_attentions = return_dict_in_generate and generation_config.output_attentions
+        output_hidden_states = return_dict_in_generate and generation_config.output_hidden_states
         has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
         if has_eos_stopping_criteria and pad_token_id is None:
             raise ValueError("Stopping on `eos_token_id` needs a `pad_token_id` for the finished samples.")
@@ -337,6 +341,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         raw_logits = () if output_logits else None
         audio_scores = () if output_scores else None
         audio_logits = () if output_logits else None
+        attentions = () if output_attentions else None
+        hidden_states = () if output_hidden_states else None
 
         batch_size = input_ids.shape[0]
         device = input_ids.device
@@ -393,6 +399,10 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             if output_logits:
                 raw_logits += (next_token_logits,)
                 audio_logits += (self._mask_audio_rows(step_audio_logits, is_audio, batch_size),)
+            if output_attentions:
+                attentions += (outputs.attentions,)
+            if output_hidden_states:
+                hidden_states += (outputs.hidden_states,)
 
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
             model_kwargs["audio_input_ids"] = torch.cat([model_kwargs["audio_input_ids"], next_patch[:, None]], dim=1)
@@ -416,6 +426,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             logits=raw_logits,
             audio_scores=audio_scores,
             audio_logits=audio_logits,
+            attentions=attentions,
+            hidden_states=hidden_states,
             cache=model_kwargs.get("cache") if return_dict_in_generate else None,
         )
 
