@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoTokenizer, BitsAndBytesConfig
 
 from transformers_mimo import (
+    QUANTIZATION_SKIP_MODULES,
     MiMoAudioDataCollator,
     MiMoAudioFeatureExtractor,
     MiMoAudioForConditionalGeneration,
@@ -91,11 +92,14 @@ def load_model(args):
     if args.load_in_4bit or args.load_in_8bit:
         if args.load_in_4bit and args.load_in_8bit:
             raise ValueError("Choose one of --load_in_4bit and --load_in_8bit.")
-        compute_dtype = torch.float32 if dtype == torch.float32 else dtype
+        # Only the LLM's linear layers are quantized (docs/quantization.md).
+        skip = list(QUANTIZATION_SKIP_MODULES)
         kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+            BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip
+            )
             if args.load_in_4bit
-            else BitsAndBytesConfig(load_in_8bit=True)
+            else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         )
         kwargs["device_map"] = args.device
     model = MiMoAudioForConditionalGeneration.from_pretrained(args.model, **kwargs)
