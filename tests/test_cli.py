@@ -239,14 +239,22 @@ def test_reconstruct_all_quantizers_of_a_resampled_mp3(tmp_path, pipeline, capsy
     np.testing.assert_allclose(sf.read(output, dtype="float32")[0], expected.numpy(), rtol=0, atol=1e-5)
 
 
-def test_convert_forwards_to_the_conversion_scripts(tmp_path, capsys):
+def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
+    """`convert tokenizer` / `convert lm` run the two conversion scripts; a converted LM directory with its codec in
+    `audio_tokenizer/` then serves `--model` alone and gives the same transcript as the original directories."""
     assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 0
-    assert cli.main(["convert", "lm", "--input_dir", str(LM), "--output_dir", str(tmp_path / "lm")]) == 0
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in (tmp_path / "codec").iterdir()}
-    converted = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path / "lm")
-    original = MiMoAudioForConditionalGeneration.from_pretrained(LM)
-    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), original.state_dict().values()))
+    converted = tmp_path / "lm"
+    argv = ["convert", "lm", "--input_dir", str(LM), "--tokenizer_dir", str(CODEC), "--output_dir", str(converted)]
+    assert cli.main(argv) == 0
+    assert (converted / "audio_tokenizer" / "config.json").is_file()
     capsys.readouterr()
+
+    audio = str(AUDIO / "weather_today_zh.mp3")
+    assert cli.main(["asr", audio, "--model", str(converted), "--device", "cpu", "--greedy", "--max-new-tokens", "12"]) == 0
+    model, processor = pipeline
+    assert capsys.readouterr().out == _generate(model, processor, processor.asr(audio), False, 12)[0] + "\n"
+
     # refusing to overwrite (exit 1 with the script's message) and a usage error of the script (exit 2)
     assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 1
     assert "is not empty; pass --force" in capsys.readouterr().err
