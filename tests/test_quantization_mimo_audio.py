@@ -24,7 +24,7 @@ def _declaring_class():
 
         def get_patch_decoder_inputs(self, hidden_states):
             # The proposed model change: the patch decoder may be kept in fp32 while the LLM runs in fp16.
-            return self.patch_decoder.input_proj(hidden_states.to(self.patch_decoder.input_proj.weight.dtype))
+            return self.patch_decoder.input_proj(hidden_states.to(self.patch_decoder.norm.weight.dtype))
 
     return MiMoAudioWithUnquantizedModules
 
