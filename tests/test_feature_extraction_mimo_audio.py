@@ -149,6 +149,9 @@ def test_resampler_errors():
         resample_waveform(torch.zeros(100, dtype=torch.int16), 16000, 24000)
     with pytest.raises(ValueError, match="time axis"):
         resample_waveform(torch.tensor(0.5), 16000, 24000)
+    with pytest.raises(ValueError, match="share only the factor 1"):
+        resample_waveform(x, 24001, 24000)
+    assert resample_waveform(x, 44100, 24000).shape == (55,)  # common rates reduce to small filters (147 -> 80)
     with pytest.raises(ValueError, match="lowpass_filter_width"):
         resample_waveform(x, 16000, 24000, lowpass_filter_width=0)
     with pytest.raises(ValueError, match="rolloff"):

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 __all__ = ["htk_mel_filter_bank", "resample_waveform"]
 
+# Above this product of the reduced rates the resampling kernel (new_rate x ~orig_rate values) exceeds ~1 GB.
+_MAX_REDUCED_RATE_PRODUCT = 2**28
+
 
 def _as_positive_integer_rate(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -84,6 +87,12 @@ def resample_waveform(
 
     gcd = math.gcd(orig_sampling_rate, target_sampling_rate)
     orig_rate, new_rate = orig_sampling_rate // gcd, target_sampling_rate // gcd
+    if orig_rate * new_rate > _MAX_REDUCED_RATE_PRODUCT:
+        raise ValueError(
+            f"Cannot resample {orig_sampling_rate} Hz -> {target_sampling_rate} Hz: the rates share only the factor "
+            f"{gcd}, so the polyphase filter would need {new_rate} phases of {orig_rate}+ taps. Resample through a "
+            "standard rate (e.g. 48000 or 44100 Hz) first."
+        )
     kernel, width = _sinc_resampling_kernel(
         orig_rate, new_rate, lowpass_filter_width, rolloff, waveform.dtype, waveform.device
     )
