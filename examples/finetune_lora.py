@@ -130,7 +130,7 @@ def build_samples(processor, records: list[dict]) -> list[dict]:
         asr = [
             {"role": "user", "content": [audio, {"type": "text", "text": ASR_INSTRUCTION}]},
             # Thinking off, as in the inference prompt for text answers: the empty thinking block is not trained.
-            {"role": "assistant", "content": [{"type": "text", "text": "<think>\n\n</think>\n" + record["text"]}]},
+            {"role": "assistant", "content": record["text"], "thinking": ""},
         ]
         tts = [
             {"role": "user", "content": [{"type": "text", "text": f"{TTS_INSTRUCTION}: {record['text']}"}]},

@@ -60,22 +60,24 @@ def _ids(tokenizer, text):
 
 
 def test_collator_masks_everything_but_the_assistant_reply(tokenizer, processor, model):
-    """ASR-style sample built by the processor, thinking off: system, user (with its audio), the assistant header and
-    the empty thinking block are -100 on every channel; the reply and `<|im_end|>\\n` are trained."""
+    """ASR-style sample built by the processor, thinking off (`"thinking": ""`, the empty block the inference prompt
+    has): system, user (with its audio), the assistant header and the empty thinking block are -100 on every
+    channel; the reply and `<|im_end|>\n` are trained. With a reasoning (thinking on), the thinking block is trained."""
     codes = _golden_codes("asr")
+    user = {"role": "user", "content": [{"type": "audio", "audio_codes": codes}, {"type": "text", "text": "transcribe"}]}
     conversation = [
         {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": [{"type": "audio", "audio_codes": codes}, {"type": "text", "text": "transcribe"}]},
-        {"role": "assistant", "content": "<think>\n\n</think>\nhello world"},
+        user,
+        {"role": "assistant", "content": "hello world", "thinking": ""},
     ]
     sample = processor.apply_chat_template(conversation, add_generation_prompt=False)
     ids = sample["input_ids"][0]
     reply = _ids(tokenizer, "hello world") + _ids(tokenizer, "<|im_end|>\n")
     prefix_len = ids.shape[0] - len(reply)
     assert ids[prefix_len:].tolist() == reply
-    # The thinking block sits right before the reply and is not trained.
-    thinking = _ids(tokenizer, "<think>\n\n</think>\n")
-    assert ids[prefix_len - len(thinking) : prefix_len].tolist() == thinking
+    # The header and the thinking block sit right before the reply, as in the generation prompt.
+    opening = _ids(tokenizer, "<|im_start|>assistant\n") + _ids(tokenizer, "<think>\n\n</think>\n")
+    assert ids[prefix_len - len(opening) : prefix_len].tolist() == opening
 
     collator = MiMoAudioDataCollator(tokenizer, model.config.audio_empty_ids)
     batch = collator([sample])
@@ -88,6 +90,14 @@ def test_collator_masks_everything_but_the_assistant_reply(tokenizer, processor,
     # The user's audio is in the inputs, untouched.
     assert (ids == model.config.empty_token_id).sum() == math.ceil(codes.shape[1] / model.config.group_size)
     assert torch.equal(batch["input_ids"][0], ids) and torch.equal(batch["audio_input_ids"], sample["audio_input_ids"])
+
+    thinking = processor.apply_chat_template(
+        [user, {"role": "assistant", "content": "hello world", "thinking": "it is english"}], add_generation_prompt=False
+    )
+    trained = _ids(tokenizer, "<think>\n") + _ids(tokenizer, "it is english") + _ids(tokenizer, "</think>\n") + reply
+    thinking_labels = collator([thinking])["labels"][0]
+    assert thinking_labels[thinking_labels != -100].tolist() == trained
+    assert (thinking_labels[: thinking["input_ids"].shape[1] - len(trained)] == -100).all()
 
 
 def test_collator_trains_assistant_speech_and_pads_both_sides(tokenizer, processor, model):

@@ -77,7 +77,8 @@ class MiMoAudioDataCollator:
     the trained positions (the model reads them where the next text label is `<|empty|>`).
 
     Build samples with the processor, e.g. `processor.apply_chat_template(messages, add_generation_prompt=False)`
-    where `messages` ends with the assistant turn to learn (text, or text + audio for speech output).
+    where `messages` ends with the assistant turn to learn (text, or text + audio for speech output; a text answer
+    takes `"thinking": ""` to open with the empty thinking block, as the inference prompt does).
 
     Args:
         tokenizer ([`PreTrainedTokenizerBase`]): the MiMo-Audio text tokenizer (for the header, thinking block,
