@@ -24,8 +24,18 @@ from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput, MiM
 from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
 
 
-CASES = ["lm_a", "lm_b"]
-PROMPTS = ["text", "asr", "icl"]
+def _lm_cases() -> dict[str, list[str]]:
+    """Every language-model golden case in the fixtures, with its prompts."""
+    cases = {}
+    for manifest_path in sorted(GOLDEN.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["kind"] == "lm":
+            cases[manifest["case"]] = list(manifest["prompts"])
+    return cases
+
+
+LM_CASES = _lm_cases()
+CASES = list(LM_CASES)
 RUNS = ["gen_nostop", "gen_stop"]
 FP32_ATOL = 1e-4
 BF16_ATOL = 0.1
@@ -95,8 +105,9 @@ def stacked_audio(per_step, sample=0):
 
 
 @pytest.mark.parametrize("run", RUNS)
-@pytest.mark.parametrize("prompt", PROMPTS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    ("case", "prompt"), [(case, prompt) for case, prompts in LM_CASES.items() for prompt in prompts]
+)
 def test_greedy_generation_matches_original_fp32(case, prompt, run, models, golden):
     tensors, manifest = golden(case)
     model = models(case)
@@ -221,7 +232,7 @@ def test_bf16_logits_match_original(case, models, golden):
     tensors, manifest = golden(case)
     model = models(case, torch.bfloat16)
     group_size = model.config.group_size
-    for prompt in PROMPTS:
+    for prompt in LM_CASES[case]:
         input_ids, audio_input_ids = grid_to_inputs(tensors[f"{prompt}.input_ids_grid"], group_size)
         prompt_length = input_ids.shape[1]
         for run in RUNS:
@@ -252,8 +263,9 @@ def test_bf16_logits_match_original(case, models, golden):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def left_padded_batch(model, tensors, pad_token_id):
-    prompts = [grid_to_inputs(tensors[f"{prompt}.input_ids_grid"], model.config.group_size) for prompt in PROMPTS]
+def left_padded_batch(model, tensors, prompt_names, pad_token_id):
+    """The golden prompts of one case as a left-padded batch (text pad id, empty audio ids, mask 0 on padding)."""
+    prompts = [grid_to_inputs(tensors[f"{name}.input_ids_grid"], model.config.group_size) for name in prompt_names]
     length = max(ids.shape[1] for ids, _ in prompts)
     empty = torch.tensor(model.config.audio_empty_ids)
     input_ids = torch.full((len(prompts), length), pad_token_id)
@@ -273,7 +285,7 @@ def test_left_padded_batch_equals_each_sample_alone(case, models, golden):
     pad = manifest["special_token_ids"]["<|endoftext|>"]
     stop_ids = [pad, manifest["special_token_ids"]["<|im_end|>"], manifest["special_token_ids"]["<|eostm|>"]]
     kwargs = {"max_new_tokens": 12, "eos_token_id": stop_ids, "pad_token_id": pad}
-    prompts, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, pad)
+    prompts, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, LM_CASES[case], pad)
     batch = model.generate(input_ids, audio_input_ids, attention_mask=attention_mask, **kwargs)
     length = input_ids.shape[1]
     empty_patch = torch.tensor(model.config.audio_empty_ids).expand(model.config.group_size, -1)
@@ -289,11 +301,11 @@ def test_left_padded_batch_equals_each_sample_alone(case, models, golden):
         assert (batch.sequences[row, length + count :] == pad).all()
         assert (batch.audio_sequences[row, length + count :] == empty_patch).all()
         chose_audio |= {(step, bool(token == model.config.empty_token_id)) for step, token in enumerate(new_tokens)}
-    # the samples chose text and audio at the same step (each decides for itself)
-    steps_with_both = {step for step, is_audio in chose_audio if is_audio} & {
-        step for step, is_audio in chose_audio if not is_audio
-    }
-    assert steps_with_both
+    # on the public cases the samples choose text and audio at the same step (each decides for itself)
+    steps_with_audio = {step for step, is_audio in chose_audio if is_audio}
+    steps_with_text = {step for step, is_audio in chose_audio if not is_audio}
+    if case in ("lm_a", "lm_b"):
+        assert steps_with_audio & steps_with_text
 
 
 def test_static_llm_cache_and_num_return_sequences(models, golden):
@@ -314,7 +326,7 @@ def test_static_llm_cache_and_num_return_sequences(models, golden):
         input_ids, audio_input_ids, max_new_tokens=6, eos_token_id=None, do_sample=True, num_return_sequences=3
     )
     assert sampled.sequences.shape == (3, prompt_length + 6)
-    assert sampled.audio_sequences.shape == (3, prompt_length + 6, 4, 8)
+    assert sampled.audio_sequences.shape == (3, prompt_length + 6, *audio_input_ids.shape[2:])
     for row in range(3):  # every copy keeps the prompt
         assert torch.equal(sampled.sequences[row, :prompt_length], input_ids[0])
         assert torch.equal(sampled.audio_sequences[row, :prompt_length], audio_input_ids[0])
@@ -448,10 +460,12 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
 
 def test_sampled_audio_never_emits_empty_ids(models, golden):
     """High-temperature sampling of many patches: empty ids never appear at audio positions, always elsewhere."""
-    tensors, _ = golden("lm_b")
+    tensors, manifest = golden("lm_b")
     model = models("lm_b")
     config = model.config
-    _, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, 400)
+    _, input_ids, audio_input_ids, attention_mask = left_padded_batch(
+        model, tensors, LM_CASES["lm_b"], manifest["special_token_ids"]["<|endoftext|>"]
+    )
     torch.manual_seed(0)
     empty_bias = torch.zeros(config.text_config.vocab_size)
     empty_bias[config.empty_token_id] = 30.0
@@ -519,7 +533,8 @@ def test_max_new_tokens_counts_llm_positions_and_text_only_prompt_default(models
     with_audio = model.generate(input_ids, audio_input_ids, max_new_tokens=7, eos_token_id=None)
     without = model.generate(input_ids, max_new_tokens=7, eos_token_id=None)
     assert with_audio.sequences.shape == (1, input_ids.shape[1] + 7)
-    assert with_audio.audio_sequences.shape == (1, input_ids.shape[1] + 7, 4, 8)
+    patch_shape = (model.config.group_size, model.config.audio_channels)
+    assert with_audio.audio_sequences.shape == (1, input_ids.shape[1] + 7, *patch_shape)
     assert torch.equal(with_audio.sequences, without.sequences)
     assert torch.equal(with_audio.audio_sequences, without.audio_sequences)
     expected = tensors["fp32.text.gen_nostop.step_text_token"][:7]

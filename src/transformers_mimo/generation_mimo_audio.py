@@ -389,7 +389,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                     audio_warpers,
                     keep_scores=output_scores or output_logits,
                 )
-                next_patch = torch.where(is_audio[:, None, None], patch, empty_patch)
+                next_patch = torch.where(is_audio[:, None, None], patch.to(device), empty_patch)
             else:
                 next_patch = empty_patch
 
