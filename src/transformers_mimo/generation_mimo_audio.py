@@ -8,7 +8,14 @@ Each generation step adds one LLM position to every sample of the batch:
    `audio_channels` codebooks, one decoder step per slot of the delay pattern (`group_size + max(delay_pattern)`
    steps, each codebook's empty id banned); any other text token gets an all-empty patch.
 
-Every sample decides text or audio for itself, so a batch gives the same result as its samples one by one.
+Every sample decides text or audio for itself, so a batch gives the same result as its samples one by one (the
+original checked only the first sample). Greedy decoding reproduces the original exactly, including its min-length
+rule (stop ids banned while fewer than `min_new_tokens` positions were generated). Under sampling, banned ids (stop ids
+before `min_new_tokens`, each codebook's empty id) are removed before temperature / top-k / top-p, as Transformers
+orders its processors; the original removed them afterwards, so its top-k could keep fewer than k candidates.
+
+The patch decoder reuses one `StaticCache` for every patch of a `generate` call; `model.patch_decoder.compile()`
+compiles its step (see `benchmarks/bench_generate.py`).
 """
 
 from dataclasses import dataclass
