@@ -35,7 +35,6 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
-
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [{"audio": str(REPO / "tests/fixtures/audio/weather_today_zh.mp3"), "text": "今天天气如何？"}]
 ASR_INSTRUCTION = "Please convert the recording to written format"
@@ -153,7 +152,9 @@ def main(argv=None) -> list[float]:
     )
     records = DEFAULT_DATA
     if args.data:
-        records = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [
+            json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
     samples = build_samples(processor, records)
     collator = MiMoAudioDataCollator(processor.tokenizer, config.audio_empty_ids, padding_side="right")
     model.print_trainable_parameters()

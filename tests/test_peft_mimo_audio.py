@@ -19,7 +19,6 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
-
 CHECKPOINT = GOLDEN / "lm_a" / "checkpoint"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,19 +54,22 @@ def batch():
 def _expected_targets(model, preset):
     """Module names a preset must wrap, listed independently of the preset's regular expression."""
     config = model.config
+    projections = [f"self_attn.{proj}" for proj in PROJECTIONS[:4]] + [f"mlp.{proj}" for proj in PROJECTIONS[4:]]
     llm = [
-        f"model.language_model.layers.{layer}.{'self_attn' if proj.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{proj}"
+        f"model.language_model.layers.{layer}.{proj}"
         for layer in range(config.text_config.num_hidden_layers)
-        for proj in PROJECTIONS
+        for proj in projections
     ]
     decoder = [
-        f"patch_decoder.layers.{layer}.{'self_attn' if proj.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{proj}"
+        f"patch_decoder.layers.{layer}.{proj}"
         for layer in range(config.patch_decoder_config.num_hidden_layers)
-        for proj in PROJECTIONS
+        for proj in projections
     ] + ["patch_decoder.input_proj"]
     if model.patch_decoder.embeddings_proj is not None:
         decoder.append("patch_decoder.embeddings_proj")
-    return set({"language_model": llm, "patch_decoder": decoder, "language_model_and_patch_decoder": llm + decoder}[preset])
+    return set(
+        {"language_model": llm, "patch_decoder": decoder, "language_model_and_patch_decoder": llm + decoder}[preset]
+    )
 
 
 def _lora_modules(peft_model):
@@ -105,7 +107,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch):
         model = _model()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lora = LoraConfig(r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder"), init_lora_weights=False)
+        lora = LoraConfig(
+            r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder"), init_lora_weights=False
+        )
         torch.manual_seed(0)  # same random LoRA weights in both runs
         peft_model = get_peft_model(model, lora)
         peft_model.train()
@@ -114,12 +118,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch):
         loss.backward()
         results.append((loss.detach(), _lora_grads(peft_model)))
         if checkpointing:
-            layers = [*model.model.language_model.layers, *model.patch_decoder.layers, *model.model.patch_encoder.layers]
+            layers = [
+                *model.model.language_model.layers,
+                *model.patch_decoder.layers,
+                *model.model.patch_encoder.layers,
+            ]
             assert all(layer.gradient_checkpointing for layer in layers)
     (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
     torch.testing.assert_close(loss_checkpointed, loss_plain, rtol=1e-5, atol=1e-5)
     assert grads_plain.keys() == grads_checkpointed.keys()
-    assert any("patch_decoder" in name for name in grads_plain) and any("language_model" in name for name in grads_plain)
+    assert any("patch_decoder" in name for name in grads_plain) and any(
+        "language_model" in name for name in grads_plain
+    )
     for name, grad in grads_plain.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-4, atol=1e-6)
@@ -134,7 +144,8 @@ def test_kbit_lora_training_lowers_the_loss(batch, mode):
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=get_lora_target_modules("language_model_and_patch_decoder"))
+        model,
+        LoraConfig(r=8, lora_alpha=16, target_modules=get_lora_target_modules("language_model_and_patch_decoder")),
     )
     base = peft_model.base_model.model
     quantized_class = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
@@ -163,7 +174,9 @@ def test_adapter_save_reload_and_merge(batch, tmp_path):
     """A non-trivial adapter (random LoRA weights) changes the outputs; saved and reloaded on a fresh base it gives
     identical logits; merged into the base (`merge_and_unload`) it gives a plain model whose text and audio logits
     equal the adapter's within 1e-5 (fp32 rounding of W + BA), and greedy generation is the same before and after."""
-    lora = LoraConfig(r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder"), init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder"), init_lora_weights=False
+    )
     peft_model = get_peft_model(_model().eval(), lora).eval()
     inputs = {key: batch[key] for key in ("input_ids", "audio_input_ids", "labels", "audio_labels")}
     with torch.no_grad():

@@ -34,7 +34,10 @@ MODEL_CLASS = _declaring_class()
 MODES = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "fp4_double_quant": dict(
-        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     ),
     "int8": dict(load_in_8bit=True),
 }
@@ -108,9 +111,14 @@ def test_quantized_load_forward_generate(checkpoint, reference, inputs, mode):
         expected = reference(**inputs)
         output = model(**inputs)
     relative = ((output.logits - expected.logits).norm() / expected.logits.norm()).item()
-    kl = nn.functional.kl_div(
-        output.logits.log_softmax(-1), expected.logits.log_softmax(-1), log_target=True, reduction="none"
-    ).sum(-1).mean().item()
+    kl = (
+        nn.functional.kl_div(
+            output.logits.log_softmax(-1), expected.logits.log_softmax(-1), log_target=True, reduction="none"
+        )
+        .sum(-1)
+        .mean()
+        .item()
+    )
     assert 1e-3 < relative < TOLERANCE[mode]["relative"], relative
     assert kl < TOLERANCE[mode]["kl"], kl
     for got, want in zip(output.audio_logits, expected.audio_logits):
@@ -120,7 +128,10 @@ def test_quantized_load_forward_generate(checkpoint, reference, inputs, mode):
     config = model.config
     torch.manual_seed(0)
     generated = model.generate(
-        inputs["input_ids"], audio_input_ids=inputs["audio_input_ids"], max_new_tokens=10, do_sample=True,
+        inputs["input_ids"],
+        audio_input_ids=inputs["audio_input_ids"],
+        max_new_tokens=10,
+        do_sample=True,
         eos_token_id=None,
     )
     new_text = generated.sequences[:, 20:]
@@ -165,7 +176,9 @@ def test_skip_list_for_a_class_without_the_declaration(checkpoint, inputs):
     )
     _assert_llm_only_quantized(explicit, "nf4")
     with torch.no_grad():
-        torch.testing.assert_close(explicit(**inputs).logits, _load(checkpoint, "nf4")(**inputs).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            explicit(**inputs).logits, _load(checkpoint, "nf4")(**inputs).logits, rtol=0, atol=0
+        )
 
     class WithoutDeclaration(MiMoAudioForConditionalGeneration):
         _keep_in_fp32_modules = None

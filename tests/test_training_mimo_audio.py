@@ -20,7 +20,6 @@ from transformers_mimo import (
     compute_logprobs,
 )
 
-
 CHECKPOINT = GOLDEN / "lm_a" / "checkpoint"
 REPO = GOLDEN.parents[2]
 
@@ -62,9 +61,13 @@ def _ids(tokenizer, text):
 def test_collator_masks_everything_but_the_assistant_reply(tokenizer, processor, model):
     """ASR-style sample built by the processor, thinking off (`"thinking": ""`, the empty block the inference prompt
     has): system, user (with its audio), the assistant header and the empty thinking block are -100 on every
-    channel; the reply and `<|im_end|>\n` are trained. With a reasoning (thinking on), the thinking block is trained."""
+    channel; the reply and `<|im_end|>\n` are trained. With a reasoning (thinking on), the thinking block is
+    trained."""
     codes = _golden_codes("asr")
-    user = {"role": "user", "content": [{"type": "audio", "audio_codes": codes}, {"type": "text", "text": "transcribe"}]}
+    user = {
+        "role": "user",
+        "content": [{"type": "audio", "audio_codes": codes}, {"type": "text", "text": "transcribe"}],
+    }
     conversation = [
         {"role": "system", "content": "You are a helpful assistant."},
         user,
@@ -92,7 +95,8 @@ def test_collator_masks_everything_but_the_assistant_reply(tokenizer, processor,
     assert torch.equal(batch["input_ids"][0], ids) and torch.equal(batch["audio_input_ids"], sample["audio_input_ids"])
 
     thinking = processor.apply_chat_template(
-        [user, {"role": "assistant", "content": "hello world", "thinking": "it is english"}], add_generation_prompt=False
+        [user, {"role": "assistant", "content": "hello world", "thinking": "it is english"}],
+        add_generation_prompt=False,
     )
     trained = _ids(tokenizer, "<think>\n") + _ids(tokenizer, "it is english") + _ids(tokenizer, "</think>\n") + reply
     thinking_labels = collator([thinking])["labels"][0]
@@ -219,8 +223,17 @@ def test_logprobs_equal_generation_scores(model):
     torch.manual_seed(3)
     new = 12
     out = model.generate(
-        input_ids, audio_input_ids=audio, attention_mask=attention_mask, max_new_tokens=new, do_sample=True,
-        temperature=1.0, top_k=None, top_p=1.0, eos_token_id=None, return_dict_in_generate=True, output_logits=True,
+        input_ids,
+        audio_input_ids=audio,
+        attention_mask=attention_mask,
+        max_new_tokens=new,
+        do_sample=True,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
     sequences, audio_sequences = out.sequences, out.audio_sequences
     prompt = input_ids.shape[1]
@@ -349,7 +362,9 @@ def test_grpo_step_with_lora_raises_the_rewarded_completions(model):
 
     config = model.config
     base = MiMoAudioForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
-    policy = get_peft_model(base, LoraConfig(r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder")))
+    policy = get_peft_model(
+        base, LoraConfig(r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder"))
+    )
     policy.eval()  # no dropout: log-probabilities match the sampling distribution; gradients still flow
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=5e-3)
     prompt = torch.tensor([[401, 11, 23, 57, 402, 198, 401, 64]]).expand(8, -1)
@@ -358,7 +373,12 @@ def test_grpo_step_with_lora_raises_the_rewarded_completions(model):
     torch.manual_seed(0)
     with torch.no_grad():
         out = policy.generate(
-            input_ids=prompt, max_new_tokens=new, do_sample=True, temperature=1.0, top_k=None, top_p=1.0,
+            input_ids=prompt,
+            max_new_tokens=new,
+            do_sample=True,
+            temperature=1.0,
+            top_k=None,
+            top_p=1.0,
             eos_token_id=None,
         )
     completion = torch.zeros_like(out.sequences, dtype=torch.bool)
@@ -401,10 +421,14 @@ def test_finetune_lora_example_loss_decreases(tmp_path):
     spec.loader.exec_module(example)
     losses = example.main(
         [
-            "--model", str(CHECKPOINT),
-            "--audio_tokenizer", str(GOLDEN / "tok_a" / "checkpoint"),
-            "--steps", "6",
-            "--output_dir", str(tmp_path / "adapter"),
+            "--model",
+            str(CHECKPOINT),
+            "--audio_tokenizer",
+            str(GOLDEN / "tok_a" / "checkpoint"),
+            "--steps",
+            "6",
+            "--output_dir",
+            str(tmp_path / "adapter"),
         ]
     )
     assert len(losses) == 6

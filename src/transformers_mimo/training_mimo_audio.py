@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import ModelOutput
 
-
 IGNORE_INDEX = -100
 
 # Modules of `MiMoAudioForConditionalGeneration` that quantization leaves in full precision (see docs/quantization.md
@@ -83,14 +82,14 @@ class MiMoAudioDataCollator:
     Args:
         tokenizer ([`PreTrainedTokenizerBase`]): the MiMo-Audio text tokenizer (for the header, thinking block,
             turn end and pad ids).
-        audio_empty_ids (`list[int]`): each codebook's empty id (`config.audio_empty_ids`), used to pad the audio channel.
+        audio_empty_ids (`list[int]`): each codebook's empty id (`config.audio_empty_ids`), to pad the audio channel.
         padding_side (`str`, defaults to `"right"`): `"right"` for training (the usual choice, positions unaffected)
             or `"left"`; the model computes positions from `attention_mask`, so both give the same loss.
         pad_to_multiple_of (`int`, *optional*): pad the length to a multiple of this.
 
     Call it with a list of features, each a mapping with `input_ids` `(seq_len,)` or `(batch, seq_len)` and
-    `audio_input_ids` `(seq_len, group_size, audio_channels)` or `(batch, seq_len, group_size, audio_channels)`, plus an
-    optional `attention_mask` (padding is removed before re-padding). Returns a dict of tensors: `input_ids`,
+    `audio_input_ids` `(seq_len, group_size, audio_channels)` or `(batch, seq_len, group_size, audio_channels)`,
+    plus an optional `attention_mask` (padding is removed before re-padding). Returns a dict of tensors: `input_ids`,
     `audio_input_ids`, `attention_mask`, `labels` `(batch, seq_len)` and `audio_labels`
     `(batch, seq_len, group_size, audio_channels)`.
     """
@@ -155,13 +154,15 @@ class MiMoAudioDataCollator:
             if input_ids.dim() == 1:
                 input_ids, audio = input_ids[None], audio[None]
             if input_ids.dim() != 2 or audio.dim() != 4 or audio.shape[:2] != input_ids.shape:
+                shapes = f"`input_ids` {tuple(input_ids.shape)} and `audio_input_ids` {tuple(audio.shape)}"
                 raise ValueError(
-                    f"Feature {index}: `input_ids` {tuple(input_ids.shape)} and `audio_input_ids` {tuple(audio.shape)} "
-                    "must be (seq_len,) and (seq_len, group_size, audio_channels), or batched with a leading dim."
+                    f"Feature {index}: {shapes} must be (seq_len,) and (seq_len, group_size, audio_channels), "
+                    "or batched with a leading dim."
                 )
             if audio.shape[-1] != len(self.audio_empty_ids):
                 raise ValueError(
-                    f"Feature {index}: `audio_input_ids` has {audio.shape[-1]} channels, expected {len(self.audio_empty_ids)}."
+                    f"Feature {index}: `audio_input_ids` has {audio.shape[-1]} channels, "
+                    f"expected {len(self.audio_empty_ids)}."
                 )
             mask = feature.get("attention_mask")
             mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
@@ -286,7 +287,9 @@ def compute_logprobs(
             scores = channel_logit.float() / audio_temperature
             scores[..., config.audio_empty_ids[channel]] = float("-inf")
             patch_logprobs.append(scores.log_softmax(-1).gather(-1, targets[..., channel, None]).squeeze(-1))
-        audio_logprobs = audio_logprobs.index_put((audio_mask.to(hidden_states.device),), torch.stack(patch_logprobs, -1))
+        audio_logprobs = audio_logprobs.index_put(
+            (audio_mask.to(hidden_states.device),), torch.stack(patch_logprobs, -1)
+        )
     return MiMoAudioLogProbs(text_logprobs=text_logprobs, audio_logprobs=audio_logprobs, audio_mask=audio_mask)
 
 
