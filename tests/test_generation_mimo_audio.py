@@ -12,6 +12,7 @@ Tolerances:
 """
 
 import json
+import threading
 
 import pytest
 import torch
@@ -555,9 +556,15 @@ def test_streamers_receive_every_step(models, golden):
     tensors, _ = golden("lm_a")
     model = models("lm_a")
     input_ids, audio_input_ids = grid_to_inputs(tensors["asr.input_ids_grid"], model.config.group_size)
-    streamer = MiMoAudioStreamer()
-    out = model.generate(input_ids, audio_input_ids, max_new_tokens=6, eos_token_id=None, streamer=streamer)
+    # the intended use: generate in a thread, consume the steps as they come
+    streamer = MiMoAudioStreamer(timeout=60)
+    result = {}
+    kwargs = {"max_new_tokens": 6, "eos_token_id": None, "streamer": streamer}
+    thread = threading.Thread(target=lambda: result.update(out=model.generate(input_ids, audio_input_ids, **kwargs)))
+    thread.start()
     items = list(streamer)
+    thread.join()
+    out = result["out"]
     assert len(items) == 6
     for step, (text, patch) in enumerate(items):
         assert torch.equal(text, out.sequences[:, input_ids.shape[1] + step])
