@@ -177,6 +177,15 @@ def test_collator_accepts_padded_processor_batches(tokenizer, processor, model):
         length = alone["input_ids"].shape[1]
         for key in alone:
             assert torch.equal(batched[key][row, :length], alone[key][0])
+    padded = MiMoAudioDataCollator(tokenizer, model.config.audio_empty_ids, pad_to_multiple_of=8)(
+        [processor.apply_chat_template(chats, add_generation_prompt=False)]
+    )
+    length = batched["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == -(-length // 8) * 8 > length
+    assert (
+        torch.equal(padded["labels"][:, :length], batched["labels"]) and (padded["labels"][:, length:] == -100).all()
+    )
+    assert (padded["attention_mask"][:, length:] == 0).all()
 
 
 def test_collator_rejects_bad_samples(tokenizer, processor, model):
