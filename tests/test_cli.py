@@ -42,7 +42,9 @@ def _run_cli(*args, cwd):
         "HF_HUB_OFFLINE": "1",
     }
     command = [sys.executable, "-m", "transformers_mimo.cli", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
+    return subprocess.run(
+        command, check=False, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600
+    )
 
 
 def _processor(lm_dir, codec_dir):
@@ -85,7 +87,11 @@ def _generate(model, processor, inputs, speech, max_new_tokens, seed=None):
     else:
         set_seed(seed)
     output = model.generate(
-        **inputs, generation_config=config, max_new_tokens=max_new_tokens, eos_token_id=stops, return_dict_in_generate=True
+        **inputs,
+        generation_config=config,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        return_dict_in_generate=True,
     )
     length = inputs["input_ids"].shape[1]
     decoded = processor.batch_decode(output, prompt_length=length)
@@ -131,7 +137,9 @@ def test_demo_runs_offline_and_matches_the_library_pipeline(tmp_path):
     question = cli._demo_question(processor.sampling_rate)
     requests = {
         "demo.wav": processor.tts("Hello from MiMo-Audio."),
-        "demo-dialogue.wav": processor.spoken_dialogue([{"role": "user", "content": [{"type": "audio", "audio": question}]}]),
+        "demo-dialogue.wav": processor.spoken_dialogue(
+            [{"role": "user", "content": [{"type": "audio", "audio": question}]}]
+        ),
     }
     speech_lines = [line for line in out.splitlines() if line.strip().startswith("speech:")]
     text_lines = [line.strip() for line in out.splitlines() if line.strip().startswith("generated text:")]
@@ -147,7 +155,9 @@ def test_reconstruct_equals_the_codec_round_trip(tmp_path, pipeline):
     in-process (same fp32 math, one segment each way; 1e-5)."""
     source = AUDIO / "prompt_speech_en_w.wav"
     output = tmp_path / "rebuilt.wav"
-    result = _run_cli("reconstruct", source, "--output", output, "--audio-tokenizer", CODEC, "--num-quantizers", 8, cwd=tmp_path)
+    result = _run_cli(
+        "reconstruct", source, "--output", output, "--audio-tokenizer", CODEC, "--num-quantizers", 8, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
 
     codec, feature_extractor = pipeline[1].audio_tokenizer, pipeline[1].feature_extractor
@@ -180,7 +190,16 @@ def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     batch_decode."""
     output = tmp_path / "speech.wav"
     result = _run_cli(
-        "tts", "Good morning", "--instruct", "calm", "--output", output, *MODEL_ARGS, "--greedy", "--max-new-tokens", 12,
+        "tts",
+        "Good morning",
+        "--instruct",
+        "calm",
+        "--output",
+        output,
+        *MODEL_ARGS,
+        "--greedy",
+        "--max-new-tokens",
+        12,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -205,12 +224,37 @@ def test_missing_input_file_exits_2_without_traceback(tmp_path):
 def test_understand_and_chat_match_the_library_pipeline(tmp_path, pipeline, capsys):
     model, processor = pipeline
     audio = str(AUDIO / "weather_today_zh.mp3")
-    assert cli.main(["understand", audio, "--question", "What is said?", "--thinking", *MODEL_ARGS, "--greedy", "--max-new-tokens", "8"]) == 0
+    assert (
+        cli.main(
+            [
+                "understand",
+                audio,
+                "--question",
+                "What is said?",
+                "--thinking",
+                *MODEL_ARGS,
+                "--greedy",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     inputs = processor.audio_understanding(audio, "What is said?", thinking=True)
     assert capsys.readouterr().out == _generate(model, processor, inputs, speech=False, max_new_tokens=8)[0] + "\n"
 
     reply = tmp_path / "reply.wav"
-    argv = ["chat", "--audio", audio, "--assistant", "It is sunny.", "--text", "And tomorrow?", "--system", "Be brief."]
+    argv = [
+        "chat",
+        "--audio",
+        audio,
+        "--assistant",
+        "It is sunny.",
+        "--text",
+        "And tomorrow?",
+        "--system",
+        "Be brief.",
+    ]
     assert cli.main([*argv, "--output", str(reply), *MODEL_ARGS, "--greedy", "--max-new-tokens", "8"]) == 0
     messages = [
         {"role": "user", "content": [{"type": "audio", "path": audio}]},
@@ -227,7 +271,19 @@ def test_understand_and_chat_match_the_library_pipeline(tmp_path, pipeline, caps
 def test_reconstruct_all_quantizers_of_a_resampled_mp3(tmp_path, pipeline, capsys):
     """A 32 kHz mp3 is resampled by the feature extractor; all 12 quantizers are kept by default."""
     output = tmp_path / "weather.wav"
-    assert cli.main(["reconstruct", str(AUDIO / "weather_today_zh.mp3"), "--output", str(output), "--audio-tokenizer", str(CODEC)]) == 0
+    assert (
+        cli.main(
+            [
+                "reconstruct",
+                str(AUDIO / "weather_today_zh.mp3"),
+                "--output",
+                str(output),
+                "--audio-tokenizer",
+                str(CODEC),
+            ]
+        )
+        == 0
+    )
     codec, feature_extractor = pipeline[1].audio_tokenizer, pipeline[1].feature_extractor
     waveform, rate = sf.read(AUDIO / "weather_today_zh.mp3", dtype="float32", always_2d=True)
     features = feature_extractor(torch.from_numpy(waveform.T.copy()), sampling_rate=rate)
@@ -243,7 +299,9 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
     """`convert tokenizer` / `convert lm` run the two conversion scripts; a converted LM directory with its codec in
     `audio_tokenizer/` then serves `--model` alone and gives the same transcript as the original directories."""
     assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 0
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in (tmp_path / "codec").iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
+        p.name for p in (tmp_path / "codec").iterdir()
+    }
     converted = tmp_path / "lm"
     argv = ["convert", "lm", "--input_dir", str(LM), "--tokenizer_dir", str(CODEC), "--output_dir", str(converted)]
     assert cli.main(argv) == 0
@@ -251,13 +309,18 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
     capsys.readouterr()
 
     audio = str(AUDIO / "weather_today_zh.mp3")
-    assert cli.main(["asr", audio, "--model", str(converted), "--device", "cpu", "--greedy", "--max-new-tokens", "12"]) == 0
+    assert (
+        cli.main(["asr", audio, "--model", str(converted), "--device", "cpu", "--greedy", "--max-new-tokens", "12"])
+        == 0
+    )
     model, processor = pipeline
     assert capsys.readouterr().out == _generate(model, processor, processor.asr(audio), False, 12)[0] + "\n"
 
-    # refusing to overwrite (exit 1 with the script's message) and a usage error of the script (exit 2)
+    # refusing to overwrite (exit 1 with the script's message, raised or exited) and a script usage error (exit 2)
     assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 1
-    assert "is not empty; pass --force" in capsys.readouterr().err
+    assert "mimo-audio convert: error: " in (err := capsys.readouterr().err) and "is not empty; pass --force" in err
+    assert cli.main(argv) == 1
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert cli.main(["convert", "lm", "--input_dir", str(LM)]) == 2
     assert "--output_dir" in capsys.readouterr().err
 
@@ -275,7 +338,19 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
         (["chat", *MODEL_ARGS], "give the user turn with --text and/or --audio"),
         (["chat", "--text", "Hi", "--assistant", "Hello", *MODEL_ARGS], "must end with a user turn"),
         (["chat", "--assistant", "Hello", "--text", "Hi", *MODEL_ARGS], "must follow the user turn"),
-        (["reconstruct", str(AUDIO / "prompt_speech_en_w.wav"), "--output", "x.wav", "--audio-tokenizer", str(CODEC), "--num-quantizers", "13"], "between 1 and 12"),
+        (
+            [
+                "reconstruct",
+                str(AUDIO / "prompt_speech_en_w.wav"),
+                "--output",
+                "x.wav",
+                "--audio-tokenizer",
+                str(CODEC),
+                "--num-quantizers",
+                "13",
+            ],
+            "between 1 and 12",
+        ),
         (["asr", str(AUDIO / "weather_today_zh.mp3"), "--max-new-tokens", "0", *MODEL_ARGS], "must be positive"),
         (["tts", "Hi", "--output", "x.wav", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument"),
     ],
@@ -291,8 +366,13 @@ def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):
     """TTS that stops before any audio patch: exit 1 with a clear message and no file. With seed 16 and one position
     the sampled first token of lm_a is text, not `<|empty|>` (checked first)."""
     model, processor = pipeline
-    _, audio, patches = _generate(model, processor, processor.tts("Hello there"), speech=True, max_new_tokens=1, seed=16)
+    _, audio, patches = _generate(
+        model, processor, processor.tts("Hello there"), speech=True, max_new_tokens=1, seed=16
+    )
     assert audio is None and patches == 0
     output = tmp_path / "none.wav"
-    assert cli.main(["tts", "Hello there", "--output", str(output), *MODEL_ARGS, "--seed", "16", "--max-new-tokens", "1"]) == 1
+    assert (
+        cli.main(["tts", "Hello there", "--output", str(output), *MODEL_ARGS, "--seed", "16", "--max-new-tokens", "1"])
+        == 1
+    )
     assert "no speech was generated" in capsys.readouterr().err and not output.exists()

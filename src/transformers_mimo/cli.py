@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 
 DEFAULT_MODEL = "XiaomiMiMo/MiMo-Audio-7B-Instruct"
@@ -77,7 +78,9 @@ def _check_output_file(path: str) -> Path:
 
 def _looks_local(name: str) -> bool:
     """A path rather than a Hub id (`owner/name`)."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (
+        os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+    )
 
 
 def _check_checkpoint(name: str, option: str) -> str:
@@ -190,7 +193,7 @@ def load_model_and_processor(args):
 # ------------------------------------------------------------------------------------------------------- generation
 
 
-class GenerationProgress:
+class GenerationProgress(BaseStreamer):
     """A `generate` streamer that advances a progress bar per generated position and counts the speech patches."""
 
     def __init__(self, total: int, empty_token_id: int, description: str):
@@ -237,9 +240,9 @@ def run_generation(model, processor, inputs, args, speech: bool, description: st
     from transformers import set_seed
 
     tokenizer = processor.tokenizer
-    stop_ids = [tokenizer.eos_token_id, processor.im_end_token_id]
-    if speech:
-        stop_ids.append(processor.eostm_token_id)
+    # The original's stop tokens: end-of-text and <|im_end|>, and <|eostm|> for spoken answers.
+    stop_ids = [tokenizer.eos_token_id, processor.im_end_token_id] + ([processor.eostm_token_id] if speech else [])
+    stop_ids = list(dict.fromkeys(token for token in stop_ids if token is not None))
     if args.seed is not None:
         set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
@@ -322,7 +325,9 @@ def _chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
         else:
             items.append({"type": "text", "text": value})
     if not items:
-        raise InputError("the conversation must end with a user turn: add --text and/or --audio after the last --assistant.")
+        raise InputError(
+            "the conversation must end with a user turn: add --text and/or --audio after the last --assistant."
+        )
     return messages + [{"role": "user", "content": items}]
 
 
@@ -338,7 +343,9 @@ def cmd_chat(args) -> int:
     inputs = processor.spoken_dialogue(
         messages, system_prompt=args.system, voice=voice, output_modality="audio" if output else "text"
     )
-    text, waveform, patches = run_generation(model, processor, inputs, args, speech=output is not None, description="chat")
+    text, waveform, patches = run_generation(
+        model, processor, inputs, args, speech=output is not None, description="chat"
+    )
     print(text)
     if output is not None:
         print(_write_speech(processor, waveform, output, patches))
@@ -360,12 +367,16 @@ def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate:
     segment = codec.config.segment_length
     codes = []
     with torch.inference_mode():
-        for start in tqdm(range(0, features.shape[-1], segment), desc="encode", file=sys.stderr, disable=None, leave=False):
+        for start in tqdm(
+            range(0, features.shape[-1], segment), desc="encode", file=sys.stderr, disable=None, leave=False
+        ):
             chunk = features[..., start : start + segment].to(codec.device, codec.dtype)
             codes.append(codec.encode(chunk, num_quantizers=num_quantizers).audio_codes[0])
         codes = torch.cat(codes, dim=-1)
         audio = []
-        for start in tqdm(range(0, codes.shape[-1], DECODE_SEGMENT_FRAMES), desc="decode", file=sys.stderr, disable=None, leave=False):
+        for start in tqdm(
+            range(0, codes.shape[-1], DECODE_SEGMENT_FRAMES), desc="decode", file=sys.stderr, disable=None, leave=False
+        ):
             decoded = codec.decode(codes[None, :, start : start + DECODE_SEGMENT_FRAMES])
             audio.append(decoded.audio_values[0, 0].float().cpu())
     return codes.cpu(), torch.cat(audio)
@@ -379,7 +390,9 @@ def cmd_reconstruct(args) -> int:
     device, dtype = _resolve_device_and_dtype(args)
     codec = load_audio_tokenizer(_check_checkpoint(args.audio_tokenizer, "--audio-tokenizer"), device, dtype)
     if args.num_quantizers is not None and not 1 <= args.num_quantizers <= codec.config.num_quantizers:
-        raise InputError(f"--num-quantizers must be between 1 and {codec.config.num_quantizers}, got {args.num_quantizers}.")
+        raise InputError(
+            f"--num-quantizers must be between 1 and {codec.config.num_quantizers}, got {args.num_quantizers}."
+        )
     array, rate = sf.read(source, dtype="float32", always_2d=True)
     if array.shape[0] == 0:
         raise InputError(f"{source!r} holds no samples.")
@@ -399,15 +412,14 @@ def cmd_convert(args) -> int:
         from .convert_mimo_audio_to_hf import main as convert_main
     else:
         from .convert_mimo_audio_tokenizer_to_hf import main as convert_main
+    # Usage errors of the script's own arguments exit with 2; failed conversions (a missing or mismatched input, an
+    # output that exists) with 1, whether the script raises or exits with a message.
     try:
         convert_main(args.arguments)
-    except SystemExit as exit:  # argparse usage errors (2) and the tokenizer script's error messages (1)
+    except SystemExit as exit:
         if exit.code is None or isinstance(exit.code, int):
             return exit.code or 0
-        print(f"mimo-audio convert {args.what}: {str(exit.code).removeprefix('error: ')}", file=sys.stderr)
-        return EXIT_FAILURE
-    except (FileNotFoundError, FileExistsError) as error:
-        raise InputError(str(error)) from error
+        raise CLIError(str(exit.code).removeprefix("error: ")) from None
     return 0
 
 
@@ -438,7 +450,9 @@ def cmd_demo(args) -> int:
 
     sentence = "Hello from MiMo-Audio."
     print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode")
-    text, waveform, patches = run_generation(model, processor, processor.tts(sentence), args, speech=True, description="tts")
+    text, waveform, patches = run_generation(
+        model, processor, processor.tts(sentence), args, speech=True, description="tts"
+    )
     print(f"  generated text: {text!r}")
     print("  " + _write_speech(processor, waveform, output, patches))
 
@@ -466,16 +480,23 @@ def cmd_demo(args) -> int:
 def _model_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help=f"LM checkpoint: Hub id or directory (default {DEFAULT_MODEL})")
+    group.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"LM checkpoint: Hub id or directory (default {DEFAULT_MODEL})"
+    )
     group.add_argument(
         "--audio-tokenizer",
         default=None,
-        help=f"codec checkpoint: Hub id or directory (default: MODEL/audio_tokenizer if present, else {DEFAULT_AUDIO_TOKENIZER})",
+        help="codec checkpoint: Hub id or directory (default: MODEL/audio_tokenizer if present, else "
+        f"{DEFAULT_AUDIO_TOKENIZER})",
     )
     _device_options(group)
-    quantization = group.add_mutually_exclusive_group()
-    quantization.add_argument("--load-in-4bit", action="store_true", help="quantize the LLM to 4 bits (bitsandbytes)")
-    quantization.add_argument("--load-in-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes)")
+    quantization = parent.add_mutually_exclusive_group()
+    quantization.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the LLM's linear layers to 4 bits (bitsandbytes)"
+    )
+    quantization.add_argument(
+        "--load-in-8bit", action="store_true", help="quantize the LLM's linear layers to 8 bits (bitsandbytes)"
+    )
     _generation_options(parent.add_argument_group("generation"), max_new_tokens=1024, seed=None)
     return parent
 
@@ -483,15 +504,26 @@ def _model_options() -> argparse.ArgumentParser:
 def _device_options(group):
     group.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: cuda if available, else cpu)")
     group.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (default: bfloat16 on cuda, else float32)"
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights dtype (default: bfloat16 on cuda, else float32)",
     )
 
 
 def _generation_options(group, max_new_tokens: int, seed: int | None):
     group.add_argument(
-        "--max-new-tokens", type=int, default=max_new_tokens, help=f"most positions to generate (default {max_new_tokens})"
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"most positions to generate (default {max_new_tokens})",
     )
-    group.add_argument("--seed", type=int, default=seed, help="random seed for sampling" + (f" (default {seed})" if seed is not None else ""))
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=seed,
+        help="random seed for sampling" + (f" (default {seed})" if seed is not None else ""),
+    )
     group.add_argument("--greedy", action="store_true", help="greedy decoding of text and audio instead of sampling")
 
 
@@ -508,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     tts = commands.add_parser("tts", parents=[model], help="text to speech")
     tts.add_argument("text", help="the text to speak")
     tts.add_argument("--output", required=True, help="WAV file to write")
-    tts.add_argument("--instruct", default=None, metavar="STYLE", help='style instruction, e.g. "speak slowly and calmly"')
+    tts.add_argument(
+        "--instruct", default=None, metavar="STYLE", help='style instruction, e.g. "speak slowly and calmly"'
+    )
     tts.add_argument("--voice", default=None, metavar="PROMPT.wav", help="voice prompt to clone")
     tts.set_defaults(handler=cmd_tts)
 
@@ -540,12 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--voice", default=None, metavar="PROMPT.wav", help="voice prompt for the spoken answer")
     chat.set_defaults(handler=cmd_chat)
 
-    rebuild = commands.add_parser("reconstruct", help="codec round trip of an audio file: encode to codes, decode to WAV")
+    rebuild = commands.add_parser(
+        "reconstruct", help="codec round trip of an audio file: encode to codes, decode to WAV"
+    )
     rebuild.add_argument("input", help="audio file")
     rebuild.add_argument("--output", required=True, help="WAV file to write (32-bit float)")
-    rebuild.add_argument("--num-quantizers", type=int, default=None, help="quantizers to keep (default: all; the LM uses 8)")
     rebuild.add_argument(
-        "--audio-tokenizer", default=DEFAULT_AUDIO_TOKENIZER, help=f"codec: Hub id or directory (default {DEFAULT_AUDIO_TOKENIZER})"
+        "--num-quantizers", type=int, default=None, help="quantizers to keep (default: all; the LM uses 8)"
+    )
+    rebuild.add_argument(
+        "--audio-tokenizer",
+        default=DEFAULT_AUDIO_TOKENIZER,
+        help=f"codec: Hub id or directory (default {DEFAULT_AUDIO_TOKENIZER})",
     )
     _device_options(rebuild)
     rebuild.set_defaults(handler=cmd_reconstruct)
@@ -561,8 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=cmd_convert)
 
     demo = commands.add_parser("demo", help="run TTS and a spoken-dialogue turn on tiny bundled random checkpoints")
-    demo.add_argument("--output", default="demo.wav", help="WAV of the TTS answer (default demo.wav; the dialogue "
-                      "answer goes to <name>-dialogue.wav)")
+    demo.add_argument(
+        "--output",
+        default="demo.wav",
+        help="WAV of the TTS answer (default demo.wav; the dialogue answer goes to <name>-dialogue.wav)",
+    )
     _generation_options(demo, max_new_tokens=40, seed=0)
     demo.set_defaults(handler=cmd_demo)
     return parser
