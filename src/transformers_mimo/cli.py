@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers.utils import logging
 
-    logging.set_verbosity_error()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # Transformers' warnings would drown the command's own messages
     try:
         return args.handler(args)
     except CLIError as error:
@@ -635,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mimo-audio {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 if __name__ == "__main__":
