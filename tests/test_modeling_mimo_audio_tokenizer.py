@@ -212,12 +212,23 @@ def test_forward_reconstructs_like_encode_then_decode():
     torch.testing.assert_close(output.audio_values, g["fp32.decode_wav_q8"], atol=WAV_ATOL, rtol=0)
 
 
-def test_eager_and_sdpa_agree():
-    g = golden("tok_b")
-    eager = model("tok_b", attn_implementation="eager")
-    assert torch.equal(eager.encode(mel("tok_b")).audio_codes[0], g["fp32.codes_single_segment"])
+@pytest.mark.parametrize("case", CASES)
+def test_eager_and_sdpa_agree(case, monkeypatch):
+    """Goldens through eager attention, then a padded batch eager vs sdpa (<= 1e-5), with query blocks of 16 so
+    the full attention of tok_a runs over several blocks."""
+    monkeypatch.setattr(MiMoAudioTokenizerAttention, "query_block_size", 16)
+    g = golden(case)
+    eager = model(case, attn_implementation="eager")
+    assert torch.equal(eager.encode(mel(case)).audio_codes[0], g["fp32.codes_single_segment"])
     wav = eager.decode(g["fp32.codes_single_segment"][None, :8]).audio_values
     torch.testing.assert_close(wav, g["fp32.decode_wav_q8"], atol=WAV_ATOL, rtol=0)
+
+    codes = g["fp32.codes_single_segment"][:8]
+    batch, mask = right_pad([codes, codes[:, 3:40]])
+    expected = model(case).decode(batch, mask)
+    output = eager.decode(batch, mask)
+    assert torch.equal(output.audio_values_lengths, expected.audio_values_lengths)
+    torch.testing.assert_close(output.audio_values, expected.audio_values, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ batch invariance
@@ -411,7 +422,9 @@ def dense_reference_attention(module, hidden, lengths, left, right, causal):
     [((40, 10), False), ((3, 0), False), ((0, 0), False), ((5, -1), False), ((-1, 7), False), ((-1, -1), False),
      ((6, -1), True), ((-1, -1), True), ((2, 9), True)],
 )
-def test_windowed_attention_matches_dense_reference(implementation, window, causal):
+def test_windowed_attention_matches_dense_reference(implementation, window, causal, monkeypatch):
+    """Padded batch of 2, against float64 at 1e-5; query blocks of 32 so that 150 positions span several blocks."""
+    monkeypatch.setattr(MiMoAudioTokenizerAttention, "query_block_size", 32)
     torch.manual_seed(0)
     config = MiMoAudioTokenizerConfig(d_model=32, encoder_attention_heads=4, decoder_attention_heads=4)
     config._attn_implementation = implementation
@@ -426,29 +439,57 @@ def test_windowed_attention_matches_dense_reference(implementation, window, caus
         torch.testing.assert_close(output[index, :length], expected[index, :length], atol=1e-5, rtol=0)
 
 
-def test_windowed_attention_memory_is_linear(monkeypatch):
-    """With both window sides limited, the largest attention mask grows linearly with the length."""
-    sizes = []
+@pytest.mark.parametrize("implementation, padded", [("eager", False), ("eager", True), ("sdpa", True)])
+@pytest.mark.parametrize("window, causal", [((40, 10), False), ((-1, -1), False), ((-1, -1), True), ((5, -1), False)])
+def test_attention_memory_is_linear(implementation, padded, window, causal, monkeypatch):
+    """Structural check on the eager path and the masked SDPA path: the score matrix of every attention call
+    (`batch x queries x keys` per head; the mask is at most that) holds at most `query_block_size` entries per
+    position of the batch, never `length x length`, so the largest one grows linearly with the length.
+    (Unpadded full/causal SDPA passes no mask: tested below.)"""
+    calls = []
+    function = ATTENTION_FUNCTIONS[implementation]
+
+    def recording_attention(module, query, key, value, mask, **kwargs):
+        calls.append((query.shape[0] * query.shape[2] * key.shape[2], mask.numel()))
+        return function(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setitem(ATTENTION_FUNCTIONS, implementation, recording_attention)
+    config = MiMoAudioTokenizerConfig(vocoder_dim=16, vocoder_attention_heads=2)
+    config._attn_implementation = implementation
+    module = MiMoAudioTokenizerAttention(config, 16, 2, list(window), causal).eval()
+    peaks = {}
+    for length in (1000, 2000):
+        calls.clear()
+        batch_lengths = torch.tensor([length, length - 37] if padded else [length])
+        hidden = torch.randn(len(batch_lengths), length, 16)
+        rotary = MiMoAudioTokenizerRotaryEmbedding(8, 10000.0)(length, hidden.device, hidden.dtype)
+        with torch.no_grad():
+            module(hidden, rotary, batch_lengths)
+        scores, masks = max(calls)
+        assert masks <= scores  # (batch or blocks, 1, queries, keys)
+        peaks[length] = scores
+        assert scores <= len(batch_lengths) * length * module.query_block_size
+    assert peaks[2000] <= 2 * peaks[1000]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_unpadded_full_attention_with_sdpa_passes_no_mask(causal, monkeypatch):
+    masks = []
     sdpa = ATTENTION_FUNCTIONS["sdpa"]
 
     def recording_sdpa(module, query, key, value, mask, **kwargs):
-        sizes.append(mask.numel())
+        masks.append(mask)
         return sdpa(module, query, key, value, mask, **kwargs)
 
     monkeypatch.setitem(ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
     config = MiMoAudioTokenizerConfig(vocoder_dim=16, vocoder_attention_heads=2)
     config._attn_implementation = "sdpa"
-    module = MiMoAudioTokenizerAttention(config, 16, 2, [40, 10], False).eval()
-    peaks = {}
-    for length in (2000, 4000):
-        sizes.clear()
-        hidden = torch.randn(1, length, 16)
-        rotary = MiMoAudioTokenizerRotaryEmbedding(8, 10000.0)(length, hidden.device, hidden.dtype)
-        with torch.no_grad():
-            module(hidden, rotary, torch.tensor([length]))
-        peaks[length] = max(sizes)
-    assert peaks[2000] <= 2000 * 100  # (block 50 + 40 + 10) keys per query
-    assert peaks[4000] <= 2.05 * peaks[2000]
+    module = MiMoAudioTokenizerAttention(config, 16, 2, [-1, -1], causal).eval()
+    hidden = torch.randn(1, 300, 16)
+    rotary = MiMoAudioTokenizerRotaryEmbedding(8, 10000.0)(300, hidden.device, hidden.dtype)
+    with torch.no_grad():
+        module(hidden, rotary, torch.tensor([300]))
+    assert masks == [None]
 
 
 def test_istft_center_padding_equals_torch_istft():

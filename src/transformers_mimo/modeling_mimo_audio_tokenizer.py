@@ -247,9 +247,11 @@ class MiMoAudioTokenizerAttention(nn.Module):
     """Multi-head self-attention with rotary embeddings, an optional `[left, right]` window and causality.
 
     A query at position `i` attends the valid keys `j` with `i - left <= j <= i + right` (`-1` = unlimited; causal
-    forces `right = 0`). With both sides limited, attention runs over blocks of queries, each against its own
-    band of keys, so memory is linear in the sequence length.
+    forces `right = 0`). Memory is linear in the sequence length: unpadded full or causal attention runs through SDPA
+    without a mask; otherwise queries go in blocks, each against only the keys it can see, with its own mask.
     """
+
+    query_block_size = 256  # queries per block when a side of the window is unlimited
 
     def __init__(self, config: MiMoAudioTokenizerConfig, embed_dim: int, num_heads: int, window, causal: bool):
         super().__init__()
@@ -299,15 +301,37 @@ class MiMoAudioTokenizerAttention(nn.Module):
             # Full (or causal) attention without padding: no mask, so SDPA can use its memory-efficient kernels.
             output, _ = attention(self, query, key, value, None, scaling=self.scaling, is_causal=self.right == 0)
         elif self.left is None or self.right is None:
-            positions = torch.arange(length, device=hidden_states.device)
-            mask = self._allowed(positions, positions, lengths).unsqueeze(1)
-            output, _ = attention(self, query, key, value, mask, scaling=self.scaling)
+            output = self._blocked_attention(attention, query, key, value, lengths)
         else:
             output = self._banded_attention(attention, query, key, value, lengths)
         return self.out_proj(output.reshape(batch_size, length, -1))
 
+    def _blocked_attention(self, attention, query, key, value, lengths):
+        """`query/key/value (batch, heads, length, head_dim)` -> `(batch, length, heads, head_dim)`: blocks of
+        `query_block_size` queries, each against its reachable keys (all of them on an unlimited side)."""
+        length = query.shape[2]
+        outputs = []
+        for start in range(0, length, self.query_block_size):
+            end = min(start + self.query_block_size, length)
+            key_start = 0 if self.left is None else max(start - self.left, 0)
+            key_end = length if self.right is None else min(end + self.right, length)
+            query_positions = torch.arange(start, end, device=query.device)
+            key_positions = torch.arange(key_start, key_end, device=query.device)
+            mask = self._allowed(query_positions, key_positions, lengths).unsqueeze(1)  # (batch, 1, block, keys)
+            output, _ = attention(
+                self,
+                query[:, :, start:end],
+                key[:, :, key_start:key_end],
+                value[:, :, key_start:key_end],
+                mask,
+                scaling=self.scaling,
+            )
+            outputs.append(output)
+        return torch.cat(outputs, dim=1)
+
     def _banded_attention(self, attention, query, key, value, lengths):
-        """Queries in blocks; each block attends only its band of `block + left + right` keys."""
+        """Both window sides limited: all query blocks at once, each against its band of `block + left + right`
+        keys. Shapes as in `_blocked_attention`."""
         batch_size, num_heads, length, head_dim = query.shape
         block = max(self.left + self.right, 32)
         span = block + self.left + self.right
