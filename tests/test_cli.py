@@ -42,9 +42,10 @@ def _run_cli(*args, cwd):
         "HF_HUB_OFFLINE": "1",
     }
     command = [sys.executable, "-m", "transformers_mimo.cli", *map(str, args)]
-    return subprocess.run(
-        command, check=False, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600
-    )
+    result = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, timeout=600)
+    # Decoded without newline translation, so that generated text (any characters) comes back exactly.
+    stdout, stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8", errors="replace")
+    return subprocess.CompletedProcess(result.args, result.returncode, stdout, stderr)
 
 
 def _processor(lm_dir, codec_dir):
@@ -205,7 +206,7 @@ def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     assert result.returncode == 0, result.stderr
     model, processor = pipeline
     text, audio, patches = _generate(model, processor, processor.tts("Good morning", style="calm"), True, 12)
-    text_line, speech_line = result.stdout.splitlines()
+    text_line, speech_line = result.stdout.removesuffix("\n").rsplit("\n", 1)  # the text may hold newlines
     assert text_line == f"text: {text}" and patches > 0
     _check_speech_file(speech_line, output, audio, patches, 4 * 960)
 
@@ -263,7 +264,7 @@ def test_understand_and_chat_match_the_library_pipeline(tmp_path, pipeline, caps
     ]
     inputs = processor.spoken_dialogue(messages, system_prompt="Be brief.")
     text, audio_out, patches = _generate(model, processor, inputs, speech=True, max_new_tokens=8)
-    text_line, speech_line = capsys.readouterr().out.splitlines()
+    text_line, speech_line = capsys.readouterr().out.removesuffix("\n").rsplit("\n", 1)
     assert text_line == text
     _check_speech_file(speech_line, reply, audio_out, patches, 4 * 960)
 
