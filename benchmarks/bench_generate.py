@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from transformers_mimo.configuration_mimo_audio import MiMoAudioConfig
 from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
@@ -80,9 +80,13 @@ def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, to
     return input_ids, audio
 
 
+def clock() -> float:
+    """Process CPU time (with --clock cpu) or wall time, in seconds."""
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+
+
 def median_time(fn, repeats: int) -> float:
-    """Median over `repeats` calls of the process CPU time (with --clock cpu) or of the wall time."""
-    clock = time.process_time if CLOCK == "cpu" else time.perf_counter
+    """Median over `repeats` calls of `clock()`."""
     times = []
     for _ in range(repeats):
         start = clock()
@@ -176,7 +180,8 @@ def part_patch_decoder_cost(args):
         f"{4096 // s} wide x 36 layers, patch decoder {1024 // s} wide x 16 layers, "
         f"{config.patch_decoder_steps} decoder steps per patch), fp32, {torch.get_num_threads()} threads\n"
     )
-    input_ids, audio = random_prompt(model, 1, args.prompt_length + 1)
+    input_ids, audio = random_prompt(model, 1, args.prompt_length + 2)
+    input_ids, audio = input_ids[:, 1:], audio[:, 1:]  # the last position is an audio position
     prefill = model(input_ids[:, :-1], audio[:, :-1], use_cache=True, logits_to_keep=1)
     cache = prefill.cache
     position_ids = torch.tensor([[args.prompt_length]])
@@ -216,6 +221,121 @@ def part_patch_decoder_cost(args):
     )
 
 
+class CpuTimer:
+    """Accumulates the time spent inside one module's forward calls (hooks around `module.__call__`)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.seconds = 0.0
+        self._start = None
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._exit)
+
+    def _enter(self, module, args):
+        self._start = clock()
+
+    def _exit(self, module, args, output):
+        self.seconds += clock() - self._start
+
+
+REAL_TEXT_CONFIG = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": False,
+}
+REAL_LAYERS, REAL_VOCAB = 36, 151680
+
+
+@torch.no_grad()
+def part_real_width(args):
+    """
+    Patch decoder vs LLM step at the released widths, batch 1. A full 7B LLM does not fit the budget of this script,
+    so the model is built with the real patch encoder (1024 x 6) and patch decoder (1024 x 16, 64 heads) but only 1
+    of the 36 LLM layers and a small text vocabulary. The LLM step is one forward of an audio position against a KV
+    cache of `--context` positions; the time inside its one layer and inside its small text head is measured with
+    hooks, and the real step is extrapolated as `step - head_small + 35 x layer + head_real`, where `head_real` is a
+    `1/4 x 151680`-row head timed on its own, x 4. The patch decoder is timed as it runs in `generate`
+    (`_generate_audio_patch`: 11 steps x 16 layers, heads, embeddings), nothing extrapolated.
+    """
+    model = build_model(
+        text={**REAL_TEXT_CONFIG, "num_hidden_layers": 1},
+        encoder=patch_config(1024, 4096, 6, 64),
+        decoder=patch_config(1024, 4096, 16, 64),
+        vocab_size=1024,
+    )
+    config = model.config
+    text_config = config.text_config
+    head_rows = REAL_VOCAB // 4
+    head_real = torch.nn.Linear(text_config.hidden_size, head_rows, bias=False)
+    layer_timer = CpuTimer(model.model.language_model.layers[0])
+    head_timer = CpuTimer(model.lm_head)
+    generation_config = GenerationConfig(do_sample=False)
+    generation_config.audio_do_sample = False
+    warpers = model._audio_warpers(generation_config)
+    print(
+        f"\n### Patch decoder vs LLM step at the released widths, batch 1, KV cache of {args.context} positions, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print(
+        "| dtype | LLM layer (ms) | text head (ms) | LLM step, 36 layers (ms, extrapolated) | patch decoder per patch "
+        "(ms, measured) | patch decoder / LLM step |"
+    )
+    print("|---|---|---|---|---|---|")
+    for dtype in args.real_dtypes:
+        dtype = getattr(torch, dtype)
+        model.to(dtype)
+        head_real.to(dtype)
+        input_ids, audio = random_prompt(model, 1, 2)  # position 1 is an audio position
+        input_ids, audio = input_ids[:, 1:], audio[:, 1:]
+        shape = (1, text_config.num_key_value_heads, args.context, text_config.head_dim)
+        cache = DynamicCache(config=text_config)
+        cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), 0)
+        position_ids = torch.tensor([[args.context]])
+        hidden = None
+
+        def llm_step():
+            nonlocal hidden
+            layer_timer.seconds = head_timer.seconds = 0.0
+            out = model(input_ids, audio, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+            cache.crop(-1)
+            hidden = out.last_hidden_state[:, -1]
+            return layer_timer.seconds, head_timer.seconds
+
+        head_input = torch.randn(1, 1, text_config.hidden_size, dtype=dtype)
+        patch_cache = model._prepare_patch_cache()
+        steps, layers, heads = [], [], []
+        for _ in range(args.repeats + 1):
+            start = clock()
+            layer, head = llm_step()
+            steps.append(clock() - start)
+            layers.append(layer)
+            heads.append(head)
+        steps, layers, heads = steps[1:], layers[1:], heads[1:]
+        layer = statistics.median(layers)
+        head = median_time(lambda: head_real(head_input), args.repeats) * REAL_VOCAB / head_rows
+        llm = statistics.median(steps) - statistics.median(heads) + (REAL_LAYERS - 1) * layer + head
+
+        def patch():
+            model._generate_audio_patch(hidden, patch_cache, generation_config, warpers, keep_scores=False)
+
+        patch()
+        patch_seconds = median_time(patch, args.repeats)
+        print(
+            f"| {str(dtype).removeprefix('torch.')} | {layer * 1e3:.1f} | {head * 1e3:.1f} | {llm * 1e3:.0f} | "
+            f"{patch_seconds * 1e3:.0f} | {patch_seconds / llm:.0%} |",
+            flush=True,
+        )
+    patch_reads, llm_reads = weight_reads(model)
+    layer_params = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+    llm_reads += (REAL_LAYERS - 1) * layer_params + (REAL_VOCAB - config.text_config.vocab_size) * text_config.hidden_size
+    print(
+        f"\nWeights read at batch 1: {patch_reads / 1e6:.0f}M per patch vs {llm_reads / 1e6:.0f}M per LLM step = "
+        f"{patch_reads / llm_reads:.0%}."
+    )
+
+
 def weight_reads(model) -> tuple[int, int]:
     """Parameters read per patch (every decoder step reads all layers; each head serves `group_size` steps) and
     per LLM step (backbone, text head and the patch encoder of the input position)."""
@@ -244,6 +364,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per generate call")
     parser.add_argument("--repeats", type=int, default=3, help="timings are medians over this many runs")
     parser.add_argument("--scale", type=int, default=4, help="width divisor of the released proportions (part 2)")
+    parser.add_argument("--context", type=int, default=1024, help="LLM KV cache length in the real-width part")
+    parser.add_argument("--real-dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the real-width part")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--clock",
@@ -252,7 +374,7 @@ def main():
         help="cpu: process CPU time, robust on a shared machine with --threads 1; wall: elapsed time",
     )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
-    parser.add_argument("--part", choices=["all", "throughput", "cost"], default="all")
+    parser.add_argument("--part", choices=["all", "throughput", "cost", "real"], default="all")
     args = parser.parse_args()
     global CLOCK
     CLOCK = args.clock
@@ -265,6 +387,8 @@ def main():
         part_throughput(args)
     if args.part in ("all", "cost"):
         part_patch_decoder_cost(args)
+    if args.part in ("all", "real"):
+        part_real_width(args)
 
 
 if __name__ == "__main__":
