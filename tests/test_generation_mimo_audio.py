@@ -83,7 +83,7 @@ def models():
 
 def generation_kwargs(manifest, dtype_key, prompt, run):
     """The original runs' settings in LLM positions: 12 new groups; gen_stop adds stop ids and min_new_tokens."""
-    kwargs = {"max_new_tokens": manifest["generation"]["max_new_tokens"], "do_sample": False}
+    kwargs = {"max_new_tokens": manifest["generation"]["max_new_tokens"], "do_sample": False, "audio_do_sample": False}
     if run == "gen_nostop":
         kwargs["eos_token_id"] = None  # the original's no-stop run ignores every stop id
     else:

@@ -14,22 +14,6 @@ from transformers import BitsAndBytesConfig
 from transformers_mimo import QUANTIZATION_SKIP_MODULES, UNQUANTIZED_MODULES, MiMoAudioForConditionalGeneration
 
 
-def _declaring_class():
-    """The model class with `_keep_in_fp32_modules = UNQUANTIZED_MODULES` (the declaration proposed for the model)."""
-    if set(MiMoAudioForConditionalGeneration._keep_in_fp32_modules or ()) == set(UNQUANTIZED_MODULES):
-        return MiMoAudioForConditionalGeneration
-
-    class MiMoAudioWithUnquantizedModules(MiMoAudioForConditionalGeneration):
-        _keep_in_fp32_modules = list(UNQUANTIZED_MODULES)
-
-        def get_patch_decoder_inputs(self, hidden_states):
-            # The proposed model change: the patch decoder may be kept in fp32 while the LLM runs in fp16.
-            return self.patch_decoder.input_proj(hidden_states.to(self.patch_decoder.norm.weight.dtype))
-
-    return MiMoAudioWithUnquantizedModules
-
-
-MODEL_CLASS = _declaring_class()
 
 MODES = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -80,7 +64,7 @@ def inputs(reference):
     return {"input_ids": input_ids, "audio_input_ids": audio, "labels": input_ids, "audio_labels": audio}
 
 
-def _load(checkpoint, mode, model_class=MODEL_CLASS, **config_kwargs):
+def _load(checkpoint, mode, model_class=MiMoAudioForConditionalGeneration, **config_kwargs):
     config = BitsAndBytesConfig(**MODES[mode], **config_kwargs)
     return model_class.from_pretrained(checkpoint, quantization_config=config, device_map="cpu").eval()
 
@@ -157,7 +141,7 @@ def test_pre_quantized_save_and_reload(checkpoint, inputs, mode, tmp_path):
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         expected = model(**inputs)
-    reloaded = MODEL_CLASS.from_pretrained(tmp_path, device_map="cpu").eval()
+    reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path, device_map="cpu").eval()
     assert reloaded.config.quantization_config.quant_method == "bitsandbytes"
     _assert_llm_only_quantized(reloaded, mode)
     with torch.no_grad():
@@ -201,7 +185,7 @@ def test_fp16_keeps_the_unquantized_modules_in_fp32(checkpoint, reference, input
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16),
             device_map="cpu",
         )
-    model = MODEL_CLASS.from_pretrained(checkpoint, **kwargs).eval()
+    model = MiMoAudioForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
     assert model.model.language_model.norm.weight.dtype == torch.float16
     for prefix in UNQUANTIZED_MODULES:
         assert all(param.dtype == torch.float32 for param in model.get_submodule(prefix).parameters()), prefix
@@ -221,7 +205,7 @@ def test_torchao_int8_weight_only(checkpoint, reference, inputs, tmp_path):
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
-    model = MODEL_CLASS.from_pretrained(
+    model = MiMoAudioForConditionalGeneration.from_pretrained(
         checkpoint, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), device_map="cpu"
     ).eval()
     llm_weight = model.model.language_model.layers[0].mlp.up_proj.weight
@@ -236,6 +220,6 @@ def test_torchao_int8_weight_only(checkpoint, reference, inputs, tmp_path):
     generated = model.generate(inputs["input_ids"], audio_input_ids=inputs["audio_input_ids"], max_new_tokens=4)
     assert generated.sequences.shape == (2, 24)
     model.save_pretrained(tmp_path)
-    reloaded = MODEL_CLASS.from_pretrained(tmp_path, device_map="cpu").eval()
+    reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path, device_map="cpu").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, output.logits)

@@ -83,7 +83,12 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
                 sub_config._attn_implementation_internal = self.config._attn_implementation
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        """Saves in this package's layout (`model.language_model.*`, `patch_decoder.*`, ...), not the original's."""
+        """
+        Saves in this package's layout (`model.language_model.*`, `patch_decoder.*`, ...), not the original's. The
+        generation config is written as a standalone one, so its `audio_*` sampling keys survive the reload.
+        """
+        if self.can_generate():
+            self.generation_config._from_model_config = False
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     @classmethod
@@ -394,6 +399,9 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Left unquantized by bitsandbytes / torchao (only the LLM's linear layers are quantized; `lm_head` is skipped by
+    # Transformers' default) and kept in fp32 when loading in fp16. Measurements: docs/quantization.md.
+    _keep_in_fp32_modules = ["model.audio_embeddings", "model.patch_encoder", "patch_decoder"]
 
     def __init__(self, config: MiMoAudioConfig):
         super().__init__(config)
@@ -428,7 +436,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         Returns:
             `torch.Tensor` of shape `(..., patch_decoder_hidden_size)`.
         """
-        return self.patch_decoder.input_proj(hidden_states)
+        # The patch decoder may run in another dtype than the backbone (fp32 when an fp16 model keeps it in fp32).
+        return self.patch_decoder.input_proj(hidden_states.to(self.patch_decoder.input_proj.weight.dtype))
 
     def embed_patch_decoder_codes(
         self, audio_codes: torch.LongTensor, codebook_mask: torch.BoolTensor | None = None

@@ -15,12 +15,15 @@ from transformers.modeling_outputs import ModelOutput
 
 IGNORE_INDEX = -100
 
-# Modules of `MiMoAudioForConditionalGeneration` that quantization leaves in full precision (see docs/quantization.md
-# for the measurements): the codebook embeddings, the patch encoder and the whole patch decoder (its input projection,
+from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
+
+
+# Modules that quantization leaves in full precision, as the model class declares them (see docs/quantization.md for
+# the measurements): the codebook embeddings, the patch encoder and the whole patch decoder (its input projection,
 # transformer and per-codebook heads). Only the LLM's linear layers are quantized; `lm_head` stays unquantized through
-# Transformers' default. Pass `llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES` to `BitsAndBytesConfig` to get the
-# same split when the model class does not declare it (a custom skip list replaces the defaults, hence `lm_head`).
-UNQUANTIZED_MODULES = ("model.audio_embeddings", "model.patch_encoder", "patch_decoder")
+# Transformers' default. A custom `llm_int8_skip_modules` replaces those defaults: pass `QUANTIZATION_SKIP_MODULES`
+# plus your own names to keep the same split.
+UNQUANTIZED_MODULES = tuple(MiMoAudioForConditionalGeneration._keep_in_fp32_modules)
 QUANTIZATION_SKIP_MODULES = ("lm_head", *UNQUANTIZED_MODULES)
 
 # LoRA target presets (regular expressions matched in full against module names, as PEFT does for a string).
