@@ -641,3 +641,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_audio_generation_settings_survive_save_and_reload(tmp_path):
+    """A model built from its config has a generation config "from the model config"; Transformers would drop the
+    unknown `audio_*` keys on reload unless `save_pretrained` writes it as a standalone one."""
+    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_b" / "checkpoint")
+    model.generation_config.audio_temperature = 0.7
+    model.generation_config.audio_top_k = 5
+    model.save_pretrained(tmp_path)
+    reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.generation_config.audio_temperature == 0.7 and reloaded.generation_config.audio_top_k == 5

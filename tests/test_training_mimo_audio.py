@@ -284,6 +284,10 @@ def test_summed_text_logprobs_equal_the_model_loss(model):
     torch.testing.assert_close(logprobs.text_logprobs.sum(), -loss * count, rtol=1e-5, atol=0)
     assert logprobs.text_logprobs[0, 0] == 0 and (logprobs.text_logprobs[0, 1:] < 0).all()
     assert not logprobs.audio_mask.any() and (logprobs.audio_logprobs == 0).all()
+    # The model method is the same computation.
+    with torch.no_grad():
+        method = model.compute_logprobs(input_ids)
+    torch.testing.assert_close(method.text_logprobs, logprobs.text_logprobs, rtol=0, atol=0)
 
 
 class _ForceToken(LogitsProcessor):

@@ -595,6 +595,22 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         )
         return losses, audio_logits
 
+    def compute_logprobs(
+        self,
+        input_ids: torch.LongTensor,
+        audio_input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        audio_temperature: float = 1.0,
+    ):
+        """
+        Teacher-forced log-probabilities of the given text tokens and audio codes under the distributions `generate`
+        samples from (for RL losses); see [`transformers_mimo.compute_logprobs`], which also accepts PEFT wrappers.
+        """
+        from .training_mimo_audio import compute_logprobs
+
+        return compute_logprobs(self, input_ids, audio_input_ids, attention_mask, temperature, audio_temperature)
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
