@@ -8,9 +8,13 @@ Two parts, printed as Markdown tables:
 2. Cost of the patch decoder relative to one LLM step at batch 1, on a config with the released model's layer
    counts and width ratios (36 LLM layers, 16 patch decoder layers, patch decoder 1/4 of the LLM width, 64-wide
    heads ratio kept) with every width divided by `--scale`.
+3. The same comparison at the released widths (fp32 and bf16): one real-width LLM layer timed against a KV cache of
+   `--context` positions and extrapolated to 36 layers plus the real text head; the real-width patch decoder
+   (16 layers) timed as `generate` runs it (see `part_real_width`). About 3.5 GB of memory.
 
     python benchmarks/bench_generate.py              # both parts, a few minutes on 2 CPU cores
     python benchmarks/bench_generate.py --no-compile # skip torch.compile (its first call compiles for ~1 min)
+    python benchmarks/bench_generate.py --part real  # only part 3 (under a minute)
 """
 
 import argparse
@@ -195,11 +199,11 @@ def part_patch_decoder_cost(args):
     generation_config = GenerationConfig(do_sample=False)
     generation_config.audio_do_sample = False
     warpers = model._audio_warpers(generation_config)
-    patch_cache = model._prepare_patch_cache()
+    patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
     hidden = prefill.last_hidden_state[:, -1]
 
     def patch():
-        model._generate_audio_patch(hidden, patch_cache, generation_config, warpers, keep_scores=False)
+        model._generate_audio_patch(hidden, patch_decoding, generation_config, warpers, keep_scores=False)
 
     rows = []
     llm_step()
@@ -227,8 +231,11 @@ class CpuTimer:
     def __init__(self, module: torch.nn.Module):
         self.seconds = 0.0
         self._start = None
-        module.register_forward_pre_hook(self._enter)
-        module.register_forward_hook(self._exit)
+        self._hooks = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+
+    def remove(self):
+        for hook in self._hooks:
+            hook.remove()
 
     def _enter(self, module, args):
         self._start = clock()
@@ -265,15 +272,9 @@ def part_real_width(args):
         decoder=patch_config(1024, 4096, 16, 64),
         vocab_size=1024,
     )
-    config = model.config
-    text_config = config.text_config
+    text_config = model.config.text_config
     head_rows = REAL_VOCAB // 4
     head_real = torch.nn.Linear(text_config.hidden_size, head_rows, bias=False)
-    layer_timer = CpuTimer(model.model.language_model.layers[0])
-    head_timer = CpuTimer(model.lm_head)
-    generation_config = GenerationConfig(do_sample=False)
-    generation_config.audio_do_sample = False
-    warpers = model._audio_warpers(generation_config)
     print(
         f"\n### Patch decoder vs LLM step at the released widths, batch 1, KV cache of {args.context} positions, "
         f"{torch.get_num_threads()} threads\n"
@@ -287,53 +288,64 @@ def part_real_width(args):
         dtype = getattr(torch, dtype)
         model.to(dtype)
         head_real.to(dtype)
-        input_ids, audio = random_prompt(model, 1, 2)  # position 1 is an audio position
-        input_ids, audio = input_ids[:, 1:], audio[:, 1:]
-        shape = (1, text_config.num_key_value_heads, args.context, text_config.head_dim)
-        cache = DynamicCache(config=text_config)
-        cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), 0)
-        position_ids = torch.tensor([[args.context]])
-        hidden = None
-
-        def llm_step():
-            nonlocal hidden
-            layer_timer.seconds = head_timer.seconds = 0.0
-            out = model(input_ids, audio, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-            cache.crop(-1)
-            hidden = out.last_hidden_state[:, -1]
-            return layer_timer.seconds, head_timer.seconds
-
-        head_input = torch.randn(1, 1, text_config.hidden_size, dtype=dtype)
-        patch_cache = model._prepare_patch_cache()
-        steps, layers, heads = [], [], []
-        for _ in range(args.repeats + 1):
-            start = clock()
-            layer, head = llm_step()
-            steps.append(clock() - start)
-            layers.append(layer)
-            heads.append(head)
-        steps, layers, heads = steps[1:], layers[1:], heads[1:]
-        layer = statistics.median(layers)
-        head = median_time(lambda: head_real(head_input), args.repeats) * REAL_VOCAB / head_rows
-        llm = statistics.median(steps) - statistics.median(heads) + (REAL_LAYERS - 1) * layer + head
-
-        def patch():
-            model._generate_audio_patch(hidden, patch_cache, generation_config, warpers, keep_scores=False)
-
-        patch()
-        patch_seconds = median_time(patch, args.repeats)
+        layer, head, llm, patch, layers = real_width_times(model, head_real, args.context, args.repeats)
         print(
             f"| {str(dtype).removeprefix('torch.')} | {layer * 1e3:.1f} | {head * 1e3:.1f} | {llm * 1e3:.0f} | "
-            f"{patch_seconds * 1e3:.0f} | {patch_seconds / llm:.0%} |",
+            f"{patch * 1e3:.0f} ({layers / patch:.0%} in its layers) | {patch / llm:.0%} |",
             flush=True,
         )
     patch_reads, llm_reads = weight_reads(model)
     layer_params = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
-    llm_reads += (REAL_LAYERS - 1) * layer_params + (REAL_VOCAB - config.text_config.vocab_size) * text_config.hidden_size
+    llm_reads += (REAL_LAYERS - 1) * layer_params + (REAL_VOCAB - text_config.vocab_size) * text_config.hidden_size
     print(
         f"\nWeights read at batch 1: {patch_reads / 1e6:.0f}M per patch vs {llm_reads / 1e6:.0f}M per LLM step = "
         f"{patch_reads / llm_reads:.0%}."
     )
+
+
+def real_width_times(model, head_real, context: int, repeats: int) -> tuple[float, ...]:
+    """Seconds of one LLM layer, the real text head, the extrapolated LLM step, one patch and (mean) the part of a
+    patch spent in the patch decoder's forward (its layers), at batch 1."""
+    text_config = model.config.text_config
+    dtype = model.dtype
+    layer_timer = CpuTimer(model.model.language_model.layers[0])
+    head_timer = CpuTimer(model.lm_head)
+    input_ids, audio = random_prompt(model, 1, 2)  # position 1 is an audio position
+    input_ids, audio = input_ids[:, 1:], audio[:, 1:]
+    shape = (1, text_config.num_key_value_heads, context, text_config.head_dim)
+    cache = DynamicCache(config=text_config)
+    cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), 0)
+    position_ids = torch.tensor([[context]])
+    steps, layers, heads = [], [], []
+    for _ in range(repeats + 1):  # the first run is a warm-up
+        layer_timer.seconds = head_timer.seconds = 0.0
+        start = clock()
+        out = model(input_ids, audio, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        steps.append(clock() - start)
+        cache.crop(-1)
+        layers.append(layer_timer.seconds)
+        heads.append(head_timer.seconds)
+    layer_timer.remove()
+    head_timer.remove()
+    layer = statistics.median(layers[1:])
+    head_input = torch.randn(1, 1, text_config.hidden_size, dtype=dtype)
+    head = median_time(lambda: head_real(head_input), repeats) * REAL_VOCAB / head_real.out_features
+    llm = statistics.median(steps[1:]) - statistics.median(heads[1:]) + (REAL_LAYERS - 1) * layer + head
+
+    generation_config = GenerationConfig(do_sample=False)
+    generation_config.audio_do_sample = False
+    warpers = model._audio_warpers(generation_config)
+    patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
+    hidden = out.last_hidden_state[:, -1]
+
+    def patch():
+        model._generate_audio_patch(hidden, patch_decoding, generation_config, warpers, keep_scores=False)
+
+    patch()
+    decoder_timer = CpuTimer(model.patch_decoder)
+    seconds = median_time(patch, repeats)
+    decoder_timer.remove()
+    return layer, head, llm, seconds, decoder_timer.seconds / repeats
 
 
 def weight_reads(model) -> tuple[int, int]:
@@ -365,7 +377,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timings are medians over this many runs")
     parser.add_argument("--scale", type=int, default=4, help="width divisor of the released proportions (part 2)")
     parser.add_argument("--context", type=int, default=1024, help="LLM KV cache length in the real-width part")
-    parser.add_argument("--real-dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the real-width part")
+    parser.add_argument(
+        "--real-dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the real-width part"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--clock",

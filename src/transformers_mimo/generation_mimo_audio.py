@@ -76,6 +76,22 @@ class MiMoAudioGenerateOutput(GenerateDecoderOnlyOutput):
     audio_logits: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
 
 
+@dataclass
+class _PatchDecoding:
+    """
+    What the patch decoder reuses across the patches of one `generate` call.
+
+    Args:
+        cache (`StaticCache`): `patch_decoder_steps` positions, reset before every patch.
+        active (`torch.BoolTensor` of shape `(patch_decoder_steps, audio_channels)`): codebooks produced at each step.
+        channels (`tuple[tuple[int, ...], ...]`): the same, as codebook indices per step.
+    """
+
+    cache: StaticCache
+    active: torch.BoolTensor
+    channels: tuple[tuple[int, ...], ...]
+
+
 class MiMoAudioStreamer(BaseStreamer):
     """
     Receives every new LLM position while [`MiMoAudioForConditionalGeneration.generate`] runs, and hands it out as an
@@ -258,14 +274,20 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             warpers.append(TopPLogitsWarper(generation_config.audio_top_p))
         return warpers
 
-    def _prepare_patch_cache(self) -> StaticCache:
-        """One preallocated cache for the patch decoder, reset before every patch."""
-        return StaticCache(config=self.config.patch_decoder_config, max_cache_len=self.config.patch_decoder_steps)
+    def _prepare_patch_decoding(self, device: torch.device) -> _PatchDecoding:
+        """The patch decoder's cache and step schedule, built once per `generate` call and reused for every patch."""
+        config = self.config
+        cache = StaticCache(config=config.patch_decoder_config, max_cache_len=config.patch_decoder_steps)
+        _, active = self.delay_audio_codes(
+            torch.zeros(1, config.group_size, config.audio_channels, dtype=torch.long, device=device)
+        )
+        channels = tuple(tuple(row.nonzero().flatten().tolist()) for row in active.cpu())
+        return _PatchDecoding(cache=cache, active=active, channels=channels)
 
     def _generate_audio_patch(
         self,
         backbone_hidden_state: torch.Tensor,
-        patch_cache: StaticCache,
+        decoding: _PatchDecoding,
         generation_config: GenerationConfig,
         audio_warpers: LogitsProcessorList,
         keep_scores: bool,
@@ -277,43 +299,45 @@ class MiMoAudioGenerationMixin(GenerationMixin):
 
         Args:
             backbone_hidden_state (`torch.Tensor` of shape `(batch_size, hidden_size)`): the LLM's last hidden state.
+            decoding (`_PatchDecoding`): from `_prepare_patch_decoding`; its cache is reset here.
 
         Returns:
             codes `(batch_size, group_size, audio_channels)` and, if `keep_scores`, per codebook the raw logits and the
             processed scores `(batch_size, group_size, audio_vocab_sizes[c])` (else `None`).
         """
         config = self.config
-        group_size, empty_ids = config.group_size, config.audio_empty_ids
+        empty_ids, delay_pattern = config.audio_empty_ids, config.delay_pattern
         batch_size = backbone_hidden_state.shape[0]
-        device = backbone_hidden_state.device
-        codes = torch.empty(batch_size, group_size, config.audio_channels, dtype=torch.long, device=device)
-        _, active = self.delay_audio_codes(codes[:1])  # (steps, audio_channels)
-        active_channels = [row.nonzero().flatten().tolist() for row in active.cpu()]
-        num_steps = len(active_channels)
+        codes = torch.empty(
+            batch_size, config.group_size, config.audio_channels, dtype=torch.long, device=backbone_hidden_state.device
+        )
+        # Codes of the current step, reused by every step: entries of inactive codebooks are ignored when embedding.
+        step_codes = torch.zeros_like(codes[:, :1])
         raw = [[] for _ in empty_ids] if keep_scores else None
         processed = [[] for _ in empty_ids] if keep_scores else None
+        last_step = len(decoding.channels) - 1
 
-        patch_cache.reset()
+        decoding.cache.reset()
         inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
-        for step, channels in enumerate(active_channels):
-            hidden = self.patch_decoder(inputs_embeds=inputs_embeds, cache=patch_cache)[:, -1]
-            step_codes = torch.zeros(batch_size, config.audio_channels, dtype=torch.long, device=device)
+        for step, channels in enumerate(decoding.channels):
+            hidden = self.patch_decoder(inputs_embeds=inputs_embeds, cache=decoding.cache)[:, -1]
             for channel in channels:
                 logits = self.get_audio_logits(hidden, channel).float()
-                scores = logits.clone()
+                scores = logits.clone() if keep_scores else logits
                 scores[:, empty_ids[channel]] = float("-inf")
-                scores = audio_warpers(codes, scores)
+                if audio_warpers:
+                    scores = audio_warpers(codes, scores)
                 if generation_config.audio_do_sample:
                     tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
                 else:
                     tokens = torch.argmax(scores, dim=-1)
-                step_codes[:, channel] = tokens
-                codes[:, step - config.delay_pattern[channel], channel] = tokens
+                step_codes[:, 0, channel] = tokens
+                codes[:, step - delay_pattern[channel], channel] = tokens
                 if keep_scores:
                     raw[channel].append(logits)
                     processed[channel].append(scores)
-            if step < num_steps - 1:
-                inputs_embeds = self.embed_patch_decoder_codes(step_codes[:, None], active[step]).to(
+            if step < last_step:
+                inputs_embeds = self.embed_patch_decoder_codes(step_codes, decoding.active[step]).to(
                     inputs_embeds.dtype
                 )
         if not keep_scores:
@@ -359,7 +383,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             batch_size, config.group_size, config.audio_channels
         )
         audio_warpers = self._audio_warpers(generation_config)
-        patch_cache = self._prepare_patch_cache()
+        patch_decoding = self._prepare_patch_decoding(device)
 
         outputs = self._prefill(input_ids, generation_config, model_kwargs)
         prefill_consumed = False
@@ -391,7 +415,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             if is_audio.any():
                 patch, step_audio_logits, step_audio_scores = self._generate_audio_patch(
                     outputs.last_hidden_state[:, -1],
-                    patch_cache,
+                    patch_decoding,
                     generation_config,
                     audio_warpers,
                     keep_scores=output_scores or output_logits,
