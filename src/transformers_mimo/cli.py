@@ -108,22 +108,6 @@ def _resolve_device_and_dtype(args) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def _feature_extractor_for(codec):
-    """The feature extractor matching a codec's configuration (as the conversion script writes it)."""
-    from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
-
-    config = codec.config
-    return MiMoAudioFeatureExtractor(
-        n_mels=config.n_mels,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.nfft,
-        hop_length=config.hop_length,
-        win_length=config.window_size,
-        fmin=config.fmin,
-        fmax=config.fmax,
-    )
-
-
 def load_audio_tokenizer(path: str, device: str, dtype: torch.dtype):
     """The codec from an original or converted directory (or Hub id), in eval mode on `device`."""
     from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
@@ -138,11 +122,9 @@ def load_audio_tokenizer(path: str, device: str, dtype: torch.dtype):
 
 def load_model_and_processor(args):
     """
-    The language model and a `MiMoAudioProcessor` assembled from the model's text tokenizer, the codec and the
-    feature extractor matching the codec (the model directory may be an original checkpoint without processor files).
+    The language model and its `MiMoAudioProcessor` (text tokenizer from the model directory, which may be an original
+    checkpoint without processor files; feature extractor matching the codec).
     """
-    from transformers import AutoTokenizer
-
     from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
     from .processing_mimo_audio import MiMoAudioProcessor
     from .training_mimo_audio import QUANTIZATION_SKIP_MODULES
@@ -170,7 +152,6 @@ def load_model_and_processor(args):
     print(f"Loading the model from {model_path} ...", file=sys.stderr)
     try:
         model = MiMoAudioForConditionalGeneration.from_pretrained(model_path, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ImportError) as error:
         raise CLIError(f"cannot load the model from {model_path!r}: {error}") from error
     if "device_map" not in load_kwargs:
@@ -178,15 +159,10 @@ def load_model_and_processor(args):
     model.eval()
 
     codec = load_audio_tokenizer(codec_path, device, dtype)
-    config = model.config
-    processor = MiMoAudioProcessor(
-        _feature_extractor_for(codec),
-        tokenizer,
-        audio_tokenizer=codec,
-        group_size=config.group_size,
-        audio_channels=config.audio_channels,
-        audio_empty_ids=config.audio_empty_ids,
-    )
+    try:
+        processor = MiMoAudioProcessor.from_pretrained(model_path, audio_tokenizer=codec)
+    except OSError as error:
+        raise CLIError(f"cannot load the text tokenizer from {model_path!r}: {error}") from error
     return model, processor
 
 
@@ -385,6 +361,8 @@ def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate:
 def cmd_reconstruct(args) -> int:
     import soundfile as sf
 
+    from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+
     source = _check_input_file(args.input)
     output = _check_output_file(args.output)
     device, dtype = _resolve_device_and_dtype(args)
@@ -397,7 +375,8 @@ def cmd_reconstruct(args) -> int:
     if array.shape[0] == 0:
         raise InputError(f"{source!r} holds no samples.")
     waveform = torch.from_numpy(array.T.copy())  # (channels, samples); the feature extractor downmixes and resamples
-    codes, audio = reconstruct(codec, _feature_extractor_for(codec), waveform, rate, args.num_quantizers)
+    feature_extractor = MiMoAudioFeatureExtractor.from_audio_tokenizer_config(codec.config)
+    codes, audio = reconstruct(codec, feature_extractor, waveform, rate, args.num_quantizers)
     rate_out = codec.config.sampling_rate
     # 32-bit float WAV, so the file holds the codec output exactly.
     sf.write(output, audio.numpy(), rate_out, subtype="FLOAT" if output.suffix.lower() == ".wav" else None)

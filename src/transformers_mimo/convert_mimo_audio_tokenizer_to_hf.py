@@ -225,15 +225,7 @@ def convert_mimo_audio_tokenizer_checkpoint(
     config.dtype = target_dtype or float_dtypes.most_common(1)[0][0]
     config.architectures = [MiMoAudioTokenizerModel.__name__]
 
-    feature_extractor = MiMoAudioFeatureExtractor(
-        n_mels=config.n_mels,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.nfft,
-        hop_length=config.hop_length,
-        win_length=config.window_size,
-        fmin=config.fmin,
-        fmax=config.fmax,
-    )
+    feature_extractor = MiMoAudioFeatureExtractor.from_audio_tokenizer_config(config)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     # With --force, remove what a previous conversion wrote (stale shards included); leave other files alone.

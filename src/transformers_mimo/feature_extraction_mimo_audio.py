@@ -91,6 +91,19 @@ class MiMoAudioFeatureExtractor(SequenceFeatureExtractor):
         if self.padding_side != "right":
             raise ValueError(f"{type(self).__name__} only pads on the right, got padding_side={self.padding_side!r}.")
 
+    @classmethod
+    def from_audio_tokenizer_config(cls, config) -> "MiMoAudioFeatureExtractor":
+        """The log-mel settings a codec was trained with, from its [`MiMoAudioTokenizerConfig`]."""
+        return cls(
+            n_mels=config.n_mels,
+            sampling_rate=config.sampling_rate,
+            n_fft=config.nfft,
+            hop_length=config.hop_length,
+            win_length=config.window_size,
+            fmin=config.fmin,
+            fmax=config.fmax,
+        )
+
     @property
     def max_frequency(self) -> float:
         """Highest mel filter edge in Hz (`fmax`, or the Nyquist frequency `sampling_rate // 2` when unset)."""

@@ -356,16 +356,7 @@ def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFe
     """The log-mel settings the codec was trained with (the released codec's defaults without one)."""
     if codec is None:
         return MiMoAudioFeatureExtractor()
-    config = codec.config
-    return MiMoAudioFeatureExtractor(
-        n_mels=config.n_mels,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.nfft,
-        hop_length=config.hop_length,
-        win_length=config.window_size,
-        fmin=config.fmin,
-        fmax=config.fmax,
-    )
+    return MiMoAudioFeatureExtractor.from_audio_tokenizer_config(codec.config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
