@@ -4,12 +4,32 @@ Importing this package registers every configuration, model, feature extractor a
 Transformers Auto factories, so `AutoModel.from_pretrained(...)` and friends work without `trust_remote_code`.
 """
 
-__version__ = "0.1.0"
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForAudioTokenization,
+    AutoModelForMultimodalLM,
+    AutoModelForTextToWaveform,
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2Tokenizer,
+)
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
-# --- audio tokenizer (codec): log-mel -> codes -> waveform ---
-from transformers import AutoConfig, AutoModel, AutoModelForAudioTokenization
-
+from .audio_utils import htk_mel_filter_bank, resample_waveform
+from .configuration_mimo_audio import MiMoAudioConfig, MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
+from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
+from .modeling_mimo_audio import (
+    ORIGINAL_CHECKPOINT_KEY_MAPPING,
+    MiMoAudioForConditionalGeneration,
+    MiMoAudioModel,
+    MiMoAudioOutputWithPast,
+    MiMoAudioPreTrainedModel,
+)
 from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerDecoderOutput,
     MiMoAudioTokenizerEncoderOutput,
@@ -20,34 +40,27 @@ from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerStreamingDecoderOutput,
     convert_original_state_dict,
 )
+from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
+from .training_mimo_audio import (
+    LORA_TARGET_MODULES,
+    QUANTIZATION_SKIP_MODULES,
+    UNQUANTIZED_MODULES,
+    MiMoAudioDataCollator,
+    MiMoAudioLogProbs,
+    compute_logprobs,
+    get_lora_target_modules,
+)
 
 
+__version__ = "0.1.0"
+
+# Audio tokenizer (codec): log-mel -> codes -> waveform.
 AutoConfig.register("mimo_audio_tokenizer", MiMoAudioTokenizerConfig, exist_ok=True)
 AutoModel.register(MiMoAudioTokenizerConfig, MiMoAudioTokenizerModel, exist_ok=True)
 AutoModelForAudioTokenization.register(MiMoAudioTokenizerConfig, MiMoAudioTokenizerModel, exist_ok=True)
 
-# --- language model: patch encoder + Qwen2 backbone + patch decoder ---
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMultimodalLM,
-    AutoModelForTextToWaveform,
-    AutoTokenizer,
-    Qwen2Tokenizer,
-)
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
-
-from .configuration_mimo_audio import MiMoAudioConfig, MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
-from .modeling_mimo_audio import (
-    ORIGINAL_CHECKPOINT_KEY_MAPPING,
-    MiMoAudioForConditionalGeneration,
-    MiMoAudioModel,
-    MiMoAudioOutputWithPast,
-    MiMoAudioPreTrainedModel,
-)
-
-
+# Language model: patch encoder + Qwen2 backbone + patch decoder. `AutoModel` gives the model that generates, as
+# Transformers does for csm and higgs_audio_v2.
 AutoConfig.register("mimo_audio", MiMoAudioConfig, exist_ok=True)
 AutoConfig.register("mimo_audio_patch_encoder", MiMoAudioPatchEncoderConfig, exist_ok=True)
 AutoConfig.register("mimo_audio_patch_decoder", MiMoAudioPatchDecoderConfig, exist_ok=True)
@@ -65,37 +78,41 @@ register_checkpoint_conversion_mapping(
     overwrite=True,
 )
 
-# --- patch-level generation: generate() output and streamer ---
-from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
-
-# --- feature extraction (waveform -> log-mel) and audio helpers ---
-from transformers import AutoFeatureExtractor
-
-from .audio_utils import htk_mel_filter_bank, resample_waveform
-from .configuration_mimo_audio import MiMoAudioConfig
-from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
-from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
-
-
+# Feature extraction (waveform -> log-mel) and the processor (chat messages <-> model inputs, outputs -> text + audio).
 AutoFeatureExtractor.register(MiMoAudioTokenizerConfig, MiMoAudioFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(MiMoAudioConfig, MiMoAudioFeatureExtractor, exist_ok=True)
-
-# --- processor (chat messages <-> model inputs, generated ids -> text + waveform) ---
-from transformers import AutoProcessor
-
-from .configuration_mimo_audio import MiMoAudioConfig
-from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
-
-
 AutoProcessor.register(MiMoAudioConfig, MiMoAudioProcessor, exist_ok=True)
 
-# --- fine-tuning and RL: quantization defaults, LoRA presets, SFT collator, log-probabilities ---
-from .training_mimo_audio import (
-    LORA_TARGET_MODULES,
-    QUANTIZATION_SKIP_MODULES,
-    UNQUANTIZED_MODULES,
-    MiMoAudioDataCollator,
-    MiMoAudioLogProbs,
-    compute_logprobs,
-    get_lora_target_modules,
-)
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "ORIGINAL_CHECKPOINT_KEY_MAPPING",
+    "QUANTIZATION_SKIP_MODULES",
+    "UNQUANTIZED_MODULES",
+    "MiMoAudioConfig",
+    "MiMoAudioDataCollator",
+    "MiMoAudioDecodedOutput",
+    "MiMoAudioFeatureExtractor",
+    "MiMoAudioForConditionalGeneration",
+    "MiMoAudioGenerateOutput",
+    "MiMoAudioLogProbs",
+    "MiMoAudioModel",
+    "MiMoAudioOutputWithPast",
+    "MiMoAudioPatchDecoderConfig",
+    "MiMoAudioPatchEncoderConfig",
+    "MiMoAudioPreTrainedModel",
+    "MiMoAudioProcessor",
+    "MiMoAudioStreamer",
+    "MiMoAudioTokenizerConfig",
+    "MiMoAudioTokenizerDecoderOutput",
+    "MiMoAudioTokenizerEncoderOutput",
+    "MiMoAudioTokenizerModel",
+    "MiMoAudioTokenizerOutput",
+    "MiMoAudioTokenizerPreTrainedModel",
+    "MiMoAudioTokenizerStreamingCache",
+    "MiMoAudioTokenizerStreamingDecoderOutput",
+    "compute_logprobs",
+    "convert_original_state_dict",
+    "get_lora_target_modules",
+    "htk_mel_filter_bank",
+    "resample_waveform",
+]
