@@ -284,6 +284,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         channels = tuple(tuple(row.nonzero().flatten().tolist()) for row in active.cpu())
         return _PatchDecoding(cache=cache, active=active, channels=channels)
 
+    @torch.inference_mode()
     def _generate_audio_patch(
         self,
         backbone_hidden_state: torch.Tensor,
@@ -295,7 +296,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         """
         Runs the patch decoder for one LLM position of every sample: step `t` produces frame `t - delay_pattern[c]`
         of each codebook `c` with `0 <= t - delay_pattern[c] < group_size`, and the sum of their embeddings is the
-        input of step `t + 1`.
+        input of step `t + 1`. Runs under `torch.inference_mode` (cheaper per operation than `no_grad`; its tensors
+        stay inside `generate`, which only reads them).
 
         Args:
             backbone_hidden_state (`torch.Tensor` of shape `(batch_size, hidden_size)`): the LLM's last hidden state.
