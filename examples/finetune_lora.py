@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoTokenizer, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 
 from transformers_mimo import (
     QUANTIZATION_SKIP_MODULES,
     MiMoAudioDataCollator,
-    MiMoAudioFeatureExtractor,
     MiMoAudioForConditionalGeneration,
     MiMoAudioProcessor,
-    MiMoAudioTokenizerModel,
     get_lora_target_modules,
 )
 
@@ -60,29 +58,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="Where to save the LoRA adapter.")
     return parser.parse_args(argv)
-
-
-def load_processor(model_path: str, audio_tokenizer_path: str, device: str, group_size, audio_channels, empty_ids):
-    """Text tokenizer of the model, the codec and a feature extractor matching the codec's front end."""
-    codec = MiMoAudioTokenizerModel.from_pretrained(audio_tokenizer_path).to(device).eval()
-    codec_config = codec.config
-    feature_extractor = MiMoAudioFeatureExtractor(
-        n_mels=codec_config.n_mels,
-        sampling_rate=codec_config.sampling_rate,
-        n_fft=codec_config.nfft,
-        hop_length=codec_config.hop_length,
-        win_length=codec_config.window_size,
-        fmin=codec_config.fmin,
-        fmax=codec_config.fmax,
-    )
-    return MiMoAudioProcessor(
-        feature_extractor,
-        AutoTokenizer.from_pretrained(model_path),
-        audio_tokenizer=codec,
-        group_size=group_size,
-        audio_channels=audio_channels,
-        audio_empty_ids=empty_ids,
-    )
 
 
 def load_model(args):
@@ -146,17 +121,15 @@ def main(argv=None) -> list[float]:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model = load_model(args)
-    config = model.config
-    processor = load_processor(
-        args.model, args.audio_tokenizer, args.device, config.group_size, config.audio_channels, config.audio_empty_ids
-    )
+    # Text tokenizer and audio layout from the model directory, the codec (on the training device) from its own.
+    processor = MiMoAudioProcessor.from_pretrained(args.model, audio_tokenizer=args.audio_tokenizer, device=args.device)
     records = DEFAULT_DATA
     if args.data:
         records = [
             json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()
         ]
     samples = build_samples(processor, records)
-    collator = MiMoAudioDataCollator(processor.tokenizer, config.audio_empty_ids, padding_side="right")
+    collator = MiMoAudioDataCollator(processor.tokenizer, model.config.audio_empty_ids, padding_side="right")
     model.print_trainable_parameters()
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)

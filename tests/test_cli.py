@@ -52,15 +52,7 @@ def _processor(lm_dir, codec_dir):
     model = MiMoAudioForConditionalGeneration.from_pretrained(lm_dir).eval()
     codec = MiMoAudioTokenizerModel.from_pretrained(codec_dir).eval()
     config = codec.config
-    feature_extractor = MiMoAudioFeatureExtractor(
-        n_mels=config.n_mels,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.nfft,
-        hop_length=config.hop_length,
-        win_length=config.window_size,
-        fmin=config.fmin,
-        fmax=config.fmax,
-    )
+    feature_extractor = MiMoAudioFeatureExtractor.from_audio_tokenizer_config(config)
     processor = MiMoAudioProcessor(
         feature_extractor,
         AutoTokenizer.from_pretrained(lm_dir),

@@ -35,15 +35,7 @@ def _codec(tok_case):
 
 def _feature_extractor(codec):
     config = codec.config
-    return MiMoAudioFeatureExtractor(
-        n_mels=config.n_mels,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.nfft,
-        hop_length=config.hop_length,
-        win_length=config.window_size,
-        fmin=config.fmin,
-        fmax=config.fmax,
-    )
+    return MiMoAudioFeatureExtractor.from_audio_tokenizer_config(config)
 
 
 def _processor(case, with_codec=True):
