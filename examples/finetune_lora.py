@@ -86,7 +86,7 @@ def load_model(args):
     else:
         model.to(args.device)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,

@@ -106,7 +106,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch):
     for checkpointing in (False, True):
         model = _model()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         lora = LoraConfig(
             r=4, target_modules=get_lora_target_modules("language_model_and_patch_decoder"), init_lora_weights=False
         )
@@ -151,7 +151,7 @@ def test_kbit_lora_training_lowers_the_loss(batch, mode):
     quantized_class = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
     assert isinstance(base.model.language_model.layers[0].self_attn.q_proj.base_layer, quantized_class)
     assert type(base.patch_decoder.layers[0].self_attn.q_proj.base_layer) is nn.Linear
-    assert base.is_gradient_checkpointing
+    assert base.is_activation_checkpointing
 
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
