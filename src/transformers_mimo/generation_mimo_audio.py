@@ -385,9 +385,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             batch_size, config.group_size, config.audio_channels
         )
         audio_warpers = self._audio_warpers(generation_config)
-        patch_decoding = self._prepare_patch_decoding(device)
 
         outputs = self._prefill(input_ids, generation_config, model_kwargs)
+        patch_decoding = self._prepare_patch_decoding(outputs.last_hidden_state.device)
         prefill_consumed = False
         while self._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
             if prefill_consumed:
