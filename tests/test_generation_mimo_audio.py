@@ -126,6 +126,10 @@ def test_greedy_generation_matches_original_fp32(case, prompt, run, models, gold
         **generation_kwargs(manifest, "fp32", prompt, run),
     )
     assert isinstance(out, MiMoAudioGenerateOutput)
+    # the patch decoder runs under torch.inference_mode; what generate returns must stay ordinary tensors
+    returned = [out.sequences, out.audio_sequences, *out.scores, *out.logits]
+    returned += [values for step in out.audio_scores + out.audio_logits for values in step]
+    assert not any(values.is_inference() for values in returned)
 
     # whole grid (prompt + generated), exact
     expected_ids, expected_audio = grid_to_inputs(tensors[f"{key}.generated_grid"], group_size)
