@@ -197,9 +197,10 @@ def test_adapter_save_reload_and_merge(batch, tmp_path):
     assert not any(isinstance(module, LoraLayer) for module in merged.modules())
     with torch.no_grad():
         output = merged(**inputs)
-    torch.testing.assert_close(output.logits, adapted.logits, rtol=0, atol=1e-5)
+    # Merging folds B @ A into W, a different fp32 summation order: allow 1e-5 + 1e-5 * |logit|.
+    torch.testing.assert_close(output.logits, adapted.logits, rtol=1e-5, atol=1e-5)
     for got, want in zip(output.audio_logits, adapted.audio_logits):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     after = merged.generate(**prompt, **generation)
     assert torch.equal(after.sequences, before.sequences)
     assert torch.equal(after.audio_sequences, before.audio_sequences)

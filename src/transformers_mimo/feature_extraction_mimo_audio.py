@@ -22,7 +22,9 @@ class MiMoAudioFeatureExtractor(SequenceFeatureExtractor):
     Each clip is downmixed to mono (mean over channels), resampled to `sampling_rate` when it has another rate, and
     transformed with a centered, reflect-padded STFT (periodic Hann window), magnitude (power 1), an HTK mel
     filterbank without normalization and `log(max(mel, 1e-7))`. This equals the original MiMo-Audio pipeline
-    (torchaudio `MelSpectrogram(power=1.0, center=True)` followed by `log(clip(., 1e-7))`) exactly in float32.
+    (torchaudio `MelSpectrogram(power=1.0, center=True)` followed by `log(clip(., 1e-7))`): the same float32 ops,
+    so on one machine both give the same values. Between CPUs, MKL's FFT code path (AVX2, AVX-512, ...) moves quiet
+    high-frequency bins by up to ~1e-3 in log (float32 rounding relative to the frame's loudest bin).
 
     Every clip is processed on its own and then right-padded, so a clip in a batch gets exactly the features it gets
     alone.
