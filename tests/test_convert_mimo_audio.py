@@ -9,9 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, GenerationConfig, Qwen2Tokenizer
+from transformers.testing_utils import CaptureLogger
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
 from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
+from transformers_mimo import convert_mimo_audio_to_hf as conversion
 from transformers_mimo.convert_mimo_audio_to_hf import convert, convert_state_dict_keys, main, verify_conversion
 
 from conftest import GOLDEN
@@ -275,10 +277,13 @@ def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     output = tmp_path / "hf"
     output.mkdir()
     (output / "keep.txt").write_text("x")
+    (output / "model-00002-of-00002.safetensors").write_text("stale shard of an earlier conversion")
     with pytest.raises(FileExistsError, match="--force"):
         convert(GOLDEN / "lm_b" / "checkpoint", output)
     convert(GOLDEN / "lm_b" / "checkpoint", output, dtype="bfloat16", force=True, verify=True)
-    assert not (output / "keep.txt").exists()
+    # --force replaces what a conversion writes (stale shards included) and leaves other files alone.
+    assert (output / "keep.txt").read_text() == "x"
+    assert sorted(path.name for path in output.glob("model*.safetensors")) == ["model.safetensors"]
     with safe_open(str(output / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.bfloat16}
     assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
@@ -287,6 +292,46 @@ def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     with pytest.raises(ValueError, match="must differ from --input_dir"):
         convert(output, output, force=True)
     assert (output / "model.safetensors").is_file()
+
+
+def test_force_never_deletes_an_original_inside_the_output_dir(tmp_path):
+    """An original checkpoint kept inside the output directory survives `--force`, also when the conversion fails."""
+    output = tmp_path / "out"
+    original = output / "original"
+    shutil.copytree(GOLDEN / "lm_b" / "checkpoint", original)
+    files = sorted(path.name for path in original.iterdir())
+    convert(original, output, force=True)
+    assert sorted(path.name for path in original.iterdir()) == files
+    broken = output / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((original / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="No safetensors weights"):
+        convert(broken, output, force=True)
+    assert (output / "model.safetensors").is_file() and sorted(path.name for path in original.iterdir()) == files
+
+
+def test_rotary_buffers_are_dropped_only_when_recomputable(tmp_path):
+    """Original checkpoints may carry the non-persistent rotary `inv_freq`: dropped with a message when it equals the
+    one recomputed from the config, refused otherwise."""
+    source = GOLDEN / "lm_b" / "checkpoint"
+    config = MiMoAudioConfig.from_pretrained(source)
+    head_dim = config.patch_decoder_config.head_dim
+    theta = config.patch_decoder_config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    for name, buffer, ok in (("good", inv_freq.bfloat16(), True), ("bad", torch.ones_like(inv_freq), False)):
+        directory = tmp_path / name
+        shutil.copytree(source, directory)
+        weights = load_file(str(source / "model.safetensors"))
+        weights["local_transformer.rotary_emb.inv_freq"] = buffer
+        save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        if ok:
+            with CaptureLogger(conversion.logger) as captured:
+                convert(directory, tmp_path / f"{name}-hf")
+            assert "Dropped local_transformer.rotary_emb.inv_freq" in captured.out
+            assert verify_conversion(source, tmp_path / f"{name}-hf") == 0.0
+        else:
+            with pytest.raises(ValueError, match="local_transformer.rotary_emb.inv_freq .* is not the rotary inv_freq"):
+                convert(directory, tmp_path / f"{name}-hf")
 
 
 def test_verification_detects_a_changed_weight(tmp_path):

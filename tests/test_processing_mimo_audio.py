@@ -404,6 +404,26 @@ def test_special_token_ids_and_missing_tokens_are_added():
         assert bare(token, add_special_tokens=False)["input_ids"] == [getattr(processor, f"{name}_id")]
 
 
+def test_stop_token_ids_per_task():
+    """The original's per-task stoppers (`MimoAudio.*_sft`, `in_context_learning_s2s`), by token name."""
+    processor = _processor("lm_a", with_codec=False)
+    vocab = processor.tokenizer.get_vocab()
+    eot, im_end, eostm, eosp = (vocab[t] for t in ("<|endoftext|>", "<|im_end|>", "<|eostm|>", "<|eosp|>"))
+    expected = {
+        "asr": [eot, im_end],
+        "audio_understanding": [eot, im_end],
+        "text_dialogue": [eot, im_end],
+        "speech_to_text_dialogue": [eot, im_end],
+        "tts": [eot, eostm, im_end],
+        "spoken_dialogue": [eot, eostm, im_end],
+        "in_context_learning": [eot, eostm],
+        "speech_continuation": [eot, eosp],
+    }
+    assert {task: processor.stop_token_ids(task) for task in expected} == expected
+    with pytest.raises(ValueError, match="Unknown task 'chat'.*'asr'"):
+        processor.stop_token_ids("chat")
+
+
 def test_save_and_load_round_trip_with_codec(proc_a, tmp_path):
     proc_a.save_pretrained(tmp_path)
     assert (tmp_path / "audio_tokenizer" / "config.json").is_file()

@@ -211,14 +211,14 @@ def _generation_config(model, tokenizer, args, stop_ids: list[int]):
     return config
 
 
-def run_generation(model, processor, inputs, args, speech: bool, description: str):
-    """`generate` with a progress bar, then `batch_decode`. Returns `(text, waveform or None, speech patches)`."""
+def run_generation(model, processor, inputs, args, task: str, description: str):
+    """`generate` with a progress bar and the task's stop tokens, then `batch_decode` (with audio when the task answers
+    in speech). Returns `(text, waveform or None, speech patches)`."""
     from transformers import set_seed
 
     tokenizer = processor.tokenizer
-    # The original's stop tokens: end-of-text and <|im_end|>, and <|eostm|> for spoken answers.
-    stop_ids = [tokenizer.eos_token_id, processor.im_end_token_id] + ([processor.eostm_token_id] if speech else [])
-    stop_ids = list(dict.fromkeys(token for token in stop_ids if token is not None))
+    stop_ids = processor.stop_token_ids(task)
+    speech = processor.eostm_token_id in stop_ids
     if args.seed is not None:
         set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
@@ -254,7 +254,7 @@ def cmd_tts(args) -> int:
         raise InputError("the text to speak is empty.")
     model, processor = load_model_and_processor(args)
     inputs = processor.tts(args.text, style=args.instruct, voice=voice)
-    text, waveform, patches = run_generation(model, processor, inputs, args, speech=True, description="tts")
+    text, waveform, patches = run_generation(model, processor, inputs, args, task="tts", description="tts")
     print(f"text: {text}")
     print(_write_speech(processor, waveform, output, patches))
     return 0
@@ -263,7 +263,7 @@ def cmd_tts(args) -> int:
 def cmd_asr(args) -> int:
     audio = _check_input_file(args.audio)
     model, processor = load_model_and_processor(args)
-    text, _, _ = run_generation(model, processor, processor.asr(audio), args, speech=False, description="asr")
+    text, _, _ = run_generation(model, processor, processor.asr(audio), args, task="asr", description="asr")
     print(text)
     return 0
 
@@ -274,7 +274,7 @@ def cmd_understand(args) -> int:
         raise InputError("--question is empty.")
     model, processor = load_model_and_processor(args)
     inputs = processor.audio_understanding(audio, args.question, thinking=args.thinking)
-    text, _, _ = run_generation(model, processor, inputs, args, speech=False, description="understand")
+    text, _, _ = run_generation(model, processor, inputs, args, task="audio_understanding", description="understand")
     print(text)
     return 0
 
@@ -319,9 +319,8 @@ def cmd_chat(args) -> int:
     inputs = processor.spoken_dialogue(
         messages, system_prompt=args.system, voice=voice, output_modality="audio" if output else "text"
     )
-    text, waveform, patches = run_generation(
-        model, processor, inputs, args, speech=output is not None, description="chat"
-    )
+    task = "spoken_dialogue" if output is not None else "speech_to_text_dialogue"
+    text, waveform, patches = run_generation(model, processor, inputs, args, task=task, description="chat")
     print(text)
     if output is not None:
         print(_write_speech(processor, waveform, output, patches))
@@ -429,9 +428,8 @@ def cmd_demo(args) -> int:
 
     sentence = "Hello from MiMo-Audio."
     print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode")
-    text, waveform, patches = run_generation(
-        model, processor, processor.tts(sentence), args, speech=True, description="tts"
-    )
+    inputs = processor.tts(sentence)
+    text, waveform, patches = run_generation(model, processor, inputs, args, task="tts", description="tts")
     print(f"  generated text: {text!r}")
     print("  " + _write_speech(processor, waveform, output, patches))
 
@@ -442,7 +440,7 @@ def cmd_demo(args) -> int:
         "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode"
     )
     inputs = processor.spoken_dialogue(conversation)
-    text, waveform, patches = run_generation(model, processor, inputs, args, speech=True, description="dialogue")
+    text, waveform, patches = run_generation(model, processor, inputs, args, task="spoken_dialogue", description="dialogue")
     print(f"  generated text: {text!r}")
     print("  " + _write_speech(processor, waveform, dialogue_output, patches))
 

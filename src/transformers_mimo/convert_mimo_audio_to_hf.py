@@ -12,12 +12,13 @@ the converted audio tokenizer in `audio_tokenizer/`.
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.utils import logging
 
 from .configuration_mimo_audio import (
     MiMoAudioConfig,
@@ -29,6 +30,8 @@ from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_che
 from .processing_mimo_audio import MiMoAudioProcessor
 from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
 
+
+logger = logging.get_logger(__name__)
 
 # Special tokens the original adds to the text tokenizer when they are missing (original mimo_audio.py).
 ORIGINAL_ADDED_TOKENS = (
@@ -93,6 +96,28 @@ def convert_state_dict_keys(
             f"unexpected keys {unexpected}, missing parameters {missing}, shape mismatches {mismatched}."
         )
     return renames, dropped
+
+
+def check_dropped_rotary_buffer(key: str, tensor: torch.Tensor, config: MiMoAudioConfig) -> None:
+    """
+    A dropped original tensor must be the rotary `inv_freq` buffer that our model recomputes: equal (to bf16 precision)
+    to the one built from the config of the transformer it belongs to. Anything else stops the conversion.
+    """
+    new_key = rename_original_key(key)
+    sub_configs = {
+        "model.language_model.": config.text_config,
+        "model.patch_encoder.": config.patch_encoder_config,
+        "patch_decoder.": config.patch_decoder_config,
+    }
+    sub_config = next((sub for prefix, sub in sub_configs.items() if new_key.startswith(prefix)), None)
+    if sub_config is None:
+        raise ValueError(f"Tensor {key} looks like a rotary buffer but belongs to no transformer of the model.")
+    expected = Qwen2RotaryEmbedding(config=sub_config).inv_freq
+    if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=1e-2, atol=0.0):
+        raise ValueError(
+            f"Tensor {key} {tuple(tensor.shape)} is not the rotary inv_freq recomputed from the config "
+            f"{tuple(expected.shape)}; refusing to drop it."
+        )
 
 
 def _safetensors_files(input_dir: Path) -> list[Path]:
@@ -193,10 +218,11 @@ def convert(
         raise ValueError(f"{config_path} is not an original MiMo-Audio config (no `speech_vocab_size`).")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not force:
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise FileExistsError(f"{output_dir} exists and is not a directory.")
+        if any(output_dir.iterdir()) and not force:
             raise FileExistsError(f"{output_dir} exists and is not empty; pass --force to overwrite it.")
-        shutil.rmtree(output_dir)
 
     has_text_tokenizer = (input_dir / "tokenizer.json").is_file() or (input_dir / "vocab.json").is_file()
     tokenizer = load_text_tokenizer(input_dir) if has_text_tokenizer else None
@@ -216,7 +242,7 @@ def convert(
                 if key in original_shapes:
                     raise ValueError(f"Tensor {key} appears in several weight files.")
                 original_shapes[key] = tuple(handle.get_slice(key).get_shape())
-    renames, _ = convert_state_dict_keys(original_shapes, expected_shapes)
+    renames, dropped = convert_state_dict_keys(original_shapes, expected_shapes)
 
     state_dict = {}
     for file in files:
@@ -225,18 +251,24 @@ def convert(
                 if key in renames:
                     tensor = handle.get_tensor(key)
                     state_dict[renames[key]] = tensor.to(target_dtype) if target_dtype is not None else tensor
+                else:
+                    check_dropped_rotary_buffer(key, handle.get_tensor(key), config)
+                    logger.warning(f"Dropped {key}: the rotary inv_freq buffer, recomputed from the config (checked).")
     model.load_state_dict(state_dict, strict=True, assign=True)
     stored_dtypes = {tensor.dtype for tensor in state_dict.values()}
     model.config.dtype = target_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else None)
     model.generation_config = default_generation_config(config, tokenizer)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    # With --force, remove the weights a previous conversion wrote (stale shards included); leave other files alone.
+    for stale in [*output_dir.glob("model*.safetensors"), output_dir / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
     model.save_pretrained(str(output_dir), max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
     if tokenizer_dir is not None:
         convert_mimo_audio_tokenizer_checkpoint(
-            tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, verify=verify
+            tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, force=force, verify=verify
         )
         if tokenizer is not None:
             # Text tokenizer + codec are both there: write the processor files (processor_config.json, ...).

@@ -81,6 +81,21 @@ STREAM_AUDIO_CHUNK = 5
 # The original decodes generated codes in segments of this many frames.
 DECODE_SEGMENT_FRAMES = 1500
 
+# Stop tokens of each task helper's answer, besides the tokenizer's end-of-text: the original's per-task stoppers
+# (text answers end at `<|im_end|>`; spoken ones at `<|eostm|>` or `<|im_end|>`; the base model's few-shot
+# speech-to-speech at `<|eostm|>`). Speech continuation has no builder in the original: it ends where the open speech
+# segment would be closed, at `<|eosp|>`.
+TASK_STOP_TOKENS = {
+    "asr": ("im_end_token",),
+    "audio_understanding": ("im_end_token",),
+    "text_dialogue": ("im_end_token",),
+    "speech_to_text_dialogue": ("im_end_token",),
+    "tts": ("eostm_token", "im_end_token"),
+    "spoken_dialogue": ("eostm_token", "im_end_token"),
+    "in_context_learning": ("eostm_token",),
+    "speech_continuation": ("eosp_token",),
+}
+
 
 @dataclass
 class _Text:
@@ -710,6 +725,17 @@ class MiMoAudioProcessor(ProcessorMixin):
         """Continue the given speech (base model): `<|sosp|>` and the prompt's patches, left open."""
         items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
         return self._build_inputs([_speech_continuation_pieces(item) for item in items])
+
+    def stop_token_ids(self, task: str) -> list[int]:
+        """
+        The ids that end the answer of a task helper's prompt, for `generate(..., eos_token_id=...)`: end-of-text
+        plus the task's tokens in `TASK_STOP_TOKENS` (the original's per-task stoppers). `task` is a helper's name, or
+        `"speech_to_text_dialogue"` for `spoken_dialogue(..., output_modality="text")`.
+        """
+        if task not in TASK_STOP_TOKENS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASK_STOP_TOKENS)}.")
+        ids = [self.tokenizer.eos_token_id] + [getattr(self, f"{name}_id") for name in TASK_STOP_TOKENS[task]]
+        return list(dict.fromkeys(token for token in ids if token is not None))
 
     # ------------------------------------------------------------------------------------------------ audio -> codes
 
