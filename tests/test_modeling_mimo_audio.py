@@ -143,6 +143,11 @@ def test_config_original_without_tokenizer_and_null_fields(tmp_path):
     original.update(input_full_attention=None, input_local_dim=None, delay_pattern="2-0-1-0-0-0-0-3")
     del original["head_dim"]
     (tmp_path / "config.json").write_text(json.dumps(original))
+    # No tokenizer files: the released model's special token ids, which this 448-token vocabulary does not hold.
+    with pytest.raises(ValueError, match=r"`empty_token_id` \(151667\) is outside the text vocabulary \(448 tokens\)"):
+        MiMoAudioConfig.from_pretrained(tmp_path)
+    original["vocab_size"] = 151680
+    (tmp_path / "config.json").write_text(json.dumps(original))
     config = MiMoAudioConfig.from_pretrained(tmp_path)
     assert config.empty_token_id == 151667 and config.im_end_token_id == 151645  # released model's ids
     assert config.input_full_attention is False  # the original's `None` means causal
@@ -193,6 +198,9 @@ def test_config_other_channel_counts_and_validation():
         MiMoAudioConfig(audio_channels=3, delay_pattern=[0, 1])
     with pytest.raises(ValueError, match="audio_empty_ids"):
         MiMoAudioConfig(audio_channels=2, audio_vocab_sizes=[10, 10], audio_empty_ids=[9, 10])
+    with pytest.raises(ValueError, match="outside the text vocabulary"):
+        MiMoAudioConfig(text_config={"vocab_size": 1000})  # the default <|empty|> id is 151667
+    assert MiMoAudioConfig(text_config={"vocab_size": 1000}, empty_token_id=999).empty_token_id == 999
 
 
 def test_config_round_trip_and_auto_classes(tmp_path):

@@ -192,6 +192,13 @@ class MiMoAudioConfig(PreTrainedConfig):
             self.audio_loss_weights = _DEFAULT_AUDIO_LOSS_WEIGHTS[: self.audio_channels] + [1.0] * extra
         self.validate_architecture()  # raise a plain ValueError early, before the strict-dataclass wrapper
         super().__post_init__(**kwargs)
+        vocab_size = self.text_config.vocab_size
+        if not 0 <= self.empty_token_id < vocab_size:
+            raise ValueError(
+                f"`empty_token_id` ({self.empty_token_id}) is outside the text vocabulary ({vocab_size} tokens), so no "
+                "position could ever be read as audio: set the special token ids to the tokenizer's (for an original "
+                "checkpoint, keep its tokenizer files next to config.json)."
+            )
 
     def validate_architecture(self):
         """Checks that the per-codebook lists agree with `audio_channels` and with each other."""
