@@ -69,11 +69,11 @@ def pipeline():
     return _processor(LM, CODEC)
 
 
-def _generate(model, processor, inputs, speech, max_new_tokens, seed=None):
-    """The library pipeline: generate (greedy, or the original's sampling defaults with `seed`) -> batch_decode."""
-    tokenizer = processor.tokenizer
-    stops = [tokenizer.eos_token_id, processor.im_end_token_id] + ([processor.eostm_token_id] if speech else [])
-    config = default_generation_config(model.config, tokenizer)
+def _generate(model, processor, inputs, task, max_new_tokens, seed=None):
+    """The library pipeline: generate (the original's defaults, then `task`'s stop tokens and sampling; greedy without
+    `seed`) -> batch_decode."""
+    config = default_generation_config(model.config, processor.tokenizer)
+    config.update(**processor.generation_kwargs(task))
     config.max_length = None
     if seed is None:
         config.do_sample = config.audio_do_sample = False
@@ -83,7 +83,6 @@ def _generate(model, processor, inputs, speech, max_new_tokens, seed=None):
         **inputs,
         generation_config=config,
         max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
         return_dict_in_generate=True,
     )
     length = inputs["input_ids"].shape[1]
@@ -129,16 +128,17 @@ def test_demo_runs_offline_and_matches_the_library_pipeline(tmp_path):
     samples_per_patch = processor.group_size * processor.audio_tokenizer.config.samples_per_code
     question = cli._demo_question(processor.sampling_rate)
     requests = {
-        "demo.wav": processor.tts("Hello from MiMo-Audio."),
-        "demo-dialogue.wav": processor.spoken_dialogue(
-            [{"role": "user", "content": [{"type": "audio", "audio": question}]}]
+        "demo.wav": ("tts", processor.tts("Hello from MiMo-Audio.")),
+        "demo-dialogue.wav": (
+            "spoken_dialogue",
+            processor.spoken_dialogue([{"role": "user", "content": [{"type": "audio", "audio": question}]}]),
         ),
     }
     speech_lines = [line for line in out.splitlines() if line.strip().startswith("speech:")]
     text_lines = [line.strip() for line in out.splitlines() if line.strip().startswith("generated text:")]
     assert len(speech_lines) == len(text_lines) == 2
-    for (name, inputs), speech_line, text_line in zip(requests.items(), speech_lines, text_lines):
-        text, audio, patches = _generate(model, processor, inputs, speech=True, max_new_tokens=40, seed=0)
+    for (name, (task, inputs)), speech_line, text_line in zip(requests.items(), speech_lines, text_lines):
+        text, audio, patches = _generate(model, processor, inputs, task, max_new_tokens=40, seed=0)
         assert patches > 0 and text_line == f"generated text: {text!r}"
         _check_speech_file(speech_line, tmp_path / name, audio, patches, samples_per_patch)
 
@@ -174,7 +174,7 @@ def test_asr_prints_the_transcript(tmp_path, pipeline):
     result = _run_cli("asr", audio, *MODEL_ARGS, "--greedy", "--max-new-tokens", 12, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     model, processor = pipeline
-    text, _, _ = _generate(model, processor, processor.asr(str(audio)), speech=False, max_new_tokens=12)
+    text, _, _ = _generate(model, processor, processor.asr(str(audio)), "asr", max_new_tokens=12)
     assert result.stdout == text + "\n"
 
 
@@ -197,7 +197,7 @@ def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     )
     assert result.returncode == 0, result.stderr
     model, processor = pipeline
-    text, audio, patches = _generate(model, processor, processor.tts("Good morning", style="calm"), True, 12)
+    text, audio, patches = _generate(model, processor, processor.tts("Good morning", style="calm"), "tts", 12)
     text_line, speech_line = result.stdout.removesuffix("\n").rsplit("\n", 1)  # the text may hold newlines
     assert text_line == f"text: {text}" and patches > 0
     _check_speech_file(speech_line, output, audio, patches, 4 * 960)
@@ -234,7 +234,7 @@ def test_understand_and_chat_match_the_library_pipeline(tmp_path, pipeline, caps
         == 0
     )
     inputs = processor.audio_understanding(audio, "What is said?", thinking=True)
-    assert capsys.readouterr().out == _generate(model, processor, inputs, speech=False, max_new_tokens=8)[0] + "\n"
+    assert capsys.readouterr().out == _generate(model, processor, inputs, "audio_understanding", max_new_tokens=8)[0] + "\n"
 
     reply = tmp_path / "reply.wav"
     argv = [
@@ -255,7 +255,7 @@ def test_understand_and_chat_match_the_library_pipeline(tmp_path, pipeline, caps
         {"role": "user", "content": [{"type": "text", "text": "And tomorrow?"}]},
     ]
     inputs = processor.spoken_dialogue(messages, system_prompt="Be brief.")
-    text, audio_out, patches = _generate(model, processor, inputs, speech=True, max_new_tokens=8)
+    text, audio_out, patches = _generate(model, processor, inputs, "spoken_dialogue", max_new_tokens=8)
     text_line, speech_line = capsys.readouterr().out.removesuffix("\n").rsplit("\n", 1)
     assert text_line == text
     _check_speech_file(speech_line, reply, audio_out, patches, 4 * 960)
@@ -307,7 +307,7 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
         == 0
     )
     model, processor = pipeline
-    assert capsys.readouterr().out == _generate(model, processor, processor.asr(audio), False, 12)[0] + "\n"
+    assert capsys.readouterr().out == _generate(model, processor, processor.asr(audio), "asr", 12)[0] + "\n"
 
     # refusing to overwrite (exit 1 with the script's message, raised or exited) and a script usage error (exit 2)
     assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 1
@@ -360,7 +360,7 @@ def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):
     the sampled first token of lm_a is text, not `<|empty|>` (checked first)."""
     model, processor = pipeline
     _, audio, patches = _generate(
-        model, processor, processor.tts("Hello there"), speech=True, max_new_tokens=1, seed=16
+        model, processor, processor.tts("Hello there"), "tts", max_new_tokens=1, seed=16
     )
     assert audio is None and patches == 0
     output = tmp_path / "none.wav"

@@ -1,5 +1,6 @@
 """MiMoAudioProcessor: prompt layouts (golden-exact), audio -> codes, padding, save/load, decoding, bad input."""
 
+import copy
 import json
 import re
 from threading import Thread
@@ -404,24 +405,48 @@ def test_special_token_ids_and_missing_tokens_are_added():
         assert bare(token, add_special_tokens=False)["input_ids"] == [getattr(processor, f"{name}_id")]
 
 
-def test_stop_token_ids_per_task():
-    """The original's per-task stoppers (`MimoAudio.*_sft`, `in_context_learning_s2s`), by token name."""
-    processor = _processor("lm_a", with_codec=False)
+def test_generation_kwargs_per_task(proc_a, model_a):
+    """The original's per-task stoppers (`MimoAudio.*_sft`, `in_context_learning_s2s`) and samplers
+    (`task_sampler_configs`), by token name; greedy tasks give the greedy tokens with sampling checkpoint defaults."""
+    processor = proc_a
     vocab = processor.tokenizer.get_vocab()
     eot, im_end, eostm, eosp = (vocab[t] for t in ("<|endoftext|>", "<|im_end|>", "<|eostm|>", "<|eosp|>"))
+    audio = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": None, "audio_top_p": 0.95}
     expected = {
-        "asr": [eot, im_end],
-        "audio_understanding": [eot, im_end],
-        "text_dialogue": [eot, im_end],
-        "speech_to_text_dialogue": [eot, im_end],
-        "tts": [eot, eostm, im_end],
-        "spoken_dialogue": [eot, eostm, im_end],
-        "in_context_learning": [eot, eostm],
-        "speech_continuation": [eot, eosp],
+        "asr": ([eot, im_end], {"do_sample": False}),
+        "audio_understanding": ([eot, im_end], {"do_sample": True, "temperature": 0.3, "top_k": None, "top_p": 0.95}),
+        "text_dialogue": ([eot, im_end], {"do_sample": True, "temperature": 0.4, "top_k": None, "top_p": 0.95}),
+        "speech_to_text_dialogue": (
+            [eot, im_end], {"do_sample": True, "temperature": 0.6, "top_k": None, "top_p": 0.95}
+        ),
+        "tts": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": None, "top_p": 1.0}),
+        "spoken_dialogue": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": None, "top_p": 0.95}),
+        "in_context_learning": ([eot, eostm], {"do_sample": False}),
+        "speech_continuation": ([eot, eosp], {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}),
     }
-    assert {task: processor.stop_token_ids(task) for task in expected} == expected
+    for task, (stops, text) in expected.items():
+        kwargs = processor.generation_kwargs(task)
+        task_audio = {**audio, "audio_top_k": 50} if task == "speech_continuation" else audio
+        assert kwargs == {"eos_token_id": stops, **text, **task_audio}, task
     with pytest.raises(ValueError, match="Unknown task 'chat'.*'asr'"):
-        processor.stop_token_ids("chat")
+        processor.generation_kwargs("chat")
+
+    # On a checkpoint whose stored defaults sample (as converted ones do), the ASR kwargs decode the text greedily.
+    model = model_a.eval()
+    inputs = processor.asr(_codes_item(_golden("lm_a")[0], "asr", 8))
+    sampling = {"do_sample": True, "temperature": 5.0, "top_k": 0, "top_p": 1.0, "eos_token_id": None}
+    greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False, audio_do_sample=False, eos_token_id=None)
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, max_new_tokens=5, **sampling)
+    asr = {**processor.generation_kwargs("asr"), "eos_token_id": None, "audio_do_sample": False}
+    stored = copy.deepcopy(model.generation_config)
+    model.generation_config.update(**sampling)
+    try:
+        torch.manual_seed(0)
+        task = model.generate(**inputs, max_new_tokens=5, **asr)
+    finally:
+        model.generation_config = stored
+    assert torch.equal(task.sequences, greedy.sequences) and not torch.equal(sampled.sequences, greedy.sequences)
 
 
 def test_save_and_load_round_trip_with_codec(proc_a, tmp_path):

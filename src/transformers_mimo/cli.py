@@ -192,17 +192,19 @@ class GenerationProgress(BaseStreamer):
         self.bar.close()
 
 
-def _generation_config(model, tokenizer, args, stop_ids: list[int]):
-    """The checkpoint's generation settings (the original's sampling defaults when it stores none) with the
-    command line's length, sampling and stop tokens."""
+def _generation_config(model, processor, args, task: str):
+    """The checkpoint's generation settings (the original's defaults when it stores none), then the task's stop tokens
+    and sampling as the original runs it, then the command line's length, `--greedy` and return options."""
     from .convert_mimo_audio_to_hf import default_generation_config
 
+    tokenizer = processor.tokenizer
     config = copy.deepcopy(model.generation_config)
     if getattr(config, "audio_temperature", None) is None:  # an original checkpoint: no sampling defaults stored
         config = default_generation_config(model.config, tokenizer)
+    for key, value in processor.generation_kwargs(task).items():
+        setattr(config, key, value)
     config.max_length = None
     config.max_new_tokens = args.max_new_tokens
-    config.eos_token_id = stop_ids
     config.pad_token_id = tokenizer.pad_token_id
     config.return_dict_in_generate = True
     if args.greedy:
@@ -212,23 +214,18 @@ def _generation_config(model, tokenizer, args, stop_ids: list[int]):
 
 
 def run_generation(model, processor, inputs, args, task: str, description: str):
-    """`generate` with a progress bar and the task's stop tokens, then `batch_decode` (with audio when the task answers
-    in speech). Returns `(text, waveform or None, speech patches)`."""
+    """`generate` as the original runs `task` (see `MiMoAudioProcessor.generation_kwargs`), with a progress bar, then
+    `batch_decode` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
     from transformers import set_seed
 
-    tokenizer = processor.tokenizer
-    stop_ids = processor.stop_token_ids(task)
-    speech = processor.eostm_token_id in stop_ids
+    generation_config = _generation_config(model, processor, args, task)
+    speech = processor.eostm_token_id in generation_config.eos_token_id
     if args.seed is not None:
         set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            generation_config=_generation_config(model, tokenizer, args, stop_ids),
-            streamer=progress,
-        )
+        output = model.generate(**inputs, generation_config=generation_config, streamer=progress)
         decoded = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
     return decoded.text[0], decoded.audio[0], progress.speech_patches
 

@@ -81,19 +81,31 @@ STREAM_AUDIO_CHUNK = 5
 # The original decodes generated codes in segments of this many frames.
 DECODE_SEGMENT_FRAMES = 1500
 
-# Stop tokens of each task helper's answer, besides the tokenizer's end-of-text: the original's per-task stoppers
-# (text answers end at `<|im_end|>`; spoken ones at `<|eostm|>` or `<|im_end|>`; the base model's few-shot
-# speech-to-speech at `<|eostm|>`). Speech continuation has no builder in the original: it ends where the open speech
-# segment would be closed, at `<|eosp|>`.
-TASK_STOP_TOKENS = {
-    "asr": ("im_end_token",),
-    "audio_understanding": ("im_end_token",),
-    "text_dialogue": ("im_end_token",),
-    "speech_to_text_dialogue": ("im_end_token",),
-    "tts": ("eostm_token", "im_end_token"),
-    "spoken_dialogue": ("eostm_token", "im_end_token"),
-    "in_context_learning": ("eostm_token",),
-    "speech_continuation": ("eosp_token",),
+# How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
+# `task_sampler_configs`): stop tokens besides end-of-text, and text / audio sampling. Every task of the original
+# samples audio at temperature 0.9 with top-p 0.95. Speech continuation has no builder in the original: it ends where
+# the open speech segment would be closed, at `<|eosp|>`, and samples with the original's defaults for other tasks.
+_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": None, "audio_top_p": 0.95}
+_GREEDY_TEXT = {"do_sample": False}
+
+
+def _text_sampling(temperature: float, top_p: float, top_k: int | None = None) -> dict:
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
+TASK_GENERATION = {
+    "asr": (("im_end_token",), _GREEDY_TEXT, _AUDIO_SAMPLING),
+    "audio_understanding": (("im_end_token",), _text_sampling(0.3, 0.95), _AUDIO_SAMPLING),
+    "text_dialogue": (("im_end_token",), _text_sampling(0.4, 0.95), _AUDIO_SAMPLING),
+    "speech_to_text_dialogue": (("im_end_token",), _text_sampling(0.6, 0.95), _AUDIO_SAMPLING),
+    "tts": (("eostm_token", "im_end_token"), _text_sampling(0.6, 1.0), _AUDIO_SAMPLING),
+    "spoken_dialogue": (("eostm_token", "im_end_token"), _text_sampling(0.6, 0.95), _AUDIO_SAMPLING),
+    "in_context_learning": (("eostm_token",), _GREEDY_TEXT, _AUDIO_SAMPLING),
+    "speech_continuation": (
+        ("eosp_token",),
+        _text_sampling(0.6, 0.95, top_k=50),
+        {**_AUDIO_SAMPLING, "audio_top_k": 50},
+    ),
 }
 
 
@@ -726,16 +738,20 @@ class MiMoAudioProcessor(ProcessorMixin):
         items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
         return self._build_inputs([_speech_continuation_pieces(item) for item in items])
 
-    def stop_token_ids(self, task: str) -> list[int]:
+    def generation_kwargs(self, task: str) -> dict:
         """
-        The ids that end the answer of a task helper's prompt, for `generate(..., eos_token_id=...)`: end-of-text
-        plus the task's tokens in `TASK_STOP_TOKENS` (the original's per-task stoppers). `task` is a helper's name, or
-        `"speech_to_text_dialogue"` for `spoken_dialogue(..., output_modality="text")`.
+        The original's way of generating a task helper's answer, as `generate` keyword arguments: `eos_token_id` (end
+        of text plus the task's stop tokens) and the text and audio sampling of `TASK_GENERATION`. `task` is a helper's
+        name, or `"speech_to_text_dialogue"` for `spoken_dialogue(..., output_modality="text")`.
+
+        Example: `model.generate(**processor.asr(audio), **processor.generation_kwargs("asr"), max_new_tokens=256)`.
         """
-        if task not in TASK_STOP_TOKENS:
-            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASK_STOP_TOKENS)}.")
-        ids = [self.tokenizer.eos_token_id] + [getattr(self, f"{name}_id") for name in TASK_STOP_TOKENS[task]]
-        return list(dict.fromkeys(token for token in ids if token is not None))
+        if task not in TASK_GENERATION:
+            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASK_GENERATION)}.")
+        stop_tokens, text_sampling, audio_sampling = TASK_GENERATION[task]
+        stop_ids = [self.tokenizer.eos_token_id] + [getattr(self, f"{name}_id") for name in stop_tokens]
+        stop_ids = list(dict.fromkeys(token for token in stop_ids if token is not None))
+        return {"eos_token_id": stop_ids, **text_sampling, **audio_sampling}
 
     # ------------------------------------------------------------------------------------------------ audio -> codes
 
