@@ -463,6 +463,77 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
     assert mixed.sequences[0, prompt_length] == greedy.sequences[0, prompt_length]
 
 
+def _warped_reference(logits, temperature, top_p, banned=()):
+    """Temperature then nucleus filtering, written out in float64: a token is kept when the probability of the tokens
+    no likelier than it, itself included, exceeds `1 - top_p`. Returns the scores and the tokens within 1e-6 of
+    that boundary (where float32 rounding may decide either way)."""
+    scores = logits.double().clone()
+    scores[..., list(banned)] = float("-inf")
+    scores = scores / temperature
+    probs = scores.softmax(-1)
+    ascending, order = probs.sort(-1)
+    mass_up_to = ascending.cumsum(-1).gather(-1, order.argsort(-1))  # per token, the mass of tokens <= it
+    kept = mass_up_to > 1 - top_p
+    kept |= probs == probs.max(-1, keepdim=True).values
+    near = (mass_up_to - (1 - top_p)).abs() < 1e-6
+    return torch.where(kept, scores, float("-inf")), near
+
+
+def test_temperature_and_top_p_shape_text_and_audio_scores(models, golden):
+    """Every returned score (text per step, audio per codebook and frame) is the raw logits (plus the user's
+    processor; with the codebook's empty id banned for audio) divided by the temperature, with exactly the top-p
+    nucleus left finite; and the sampled tokens lie in it."""
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    config = model.config
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], config.group_size)
+    bias = torch.zeros(config.text_config.vocab_size)
+    bias[config.empty_token_id] = 4.0  # a mix of text and audio steps
+
+    class PreferAudio(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + bias
+
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids,
+        audio_input_ids,
+        max_new_tokens=10,
+        eos_token_id=None,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=0.8,
+        audio_temperature=1.3,
+        audio_top_k=None,
+        audio_top_p=0.6,
+        logits_processor=LogitsProcessorList([PreferAudio()]),
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    prompt_length = input_ids.shape[1]
+    audio_steps = 0
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        expected, near = _warped_reference(logits + bias, 0.7, 0.8)
+        finite = torch.isfinite(scores)
+        assert torch.equal(finite[~near], torch.isfinite(expected)[~near])
+        torch.testing.assert_close(scores[finite].double(), expected[finite], rtol=1e-6, atol=1e-6)
+        assert finite[0, out.sequences[0, prompt_length + step]]
+        if out.sequences[0, prompt_length + step] != config.empty_token_id:
+            continue
+        audio_steps += 1
+        for channel, (audio_scores, audio_logits) in enumerate(zip(out.audio_scores[step], out.audio_logits[step])):
+            expected, near = _warped_reference(audio_logits[0], 1.3, 0.6, banned=[config.audio_empty_ids[channel]])
+            finite = torch.isfinite(audio_scores[0])
+            assert torch.equal(finite[~near], torch.isfinite(expected)[~near])
+            torch.testing.assert_close(audio_scores[0][finite].double(), expected[finite], rtol=1e-6, atol=1e-6)
+            codes = out.audio_sequences[0, prompt_length + step, :, channel]
+            assert finite.gather(-1, codes[:, None]).all()
+            assert (finite.sum(-1) < audio_scores.shape[-1] - 1).any()  # the nucleus removed something
+    assert 2 <= audio_steps < 10
+
+
 def test_sampled_audio_never_emits_empty_ids(models, golden):
     """High-temperature sampling of many patches: empty ids never appear at audio positions, always elsewhere."""
     tensors, manifest = golden("lm_b")
