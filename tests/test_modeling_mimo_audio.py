@@ -13,7 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoModelForTextToWaveform, DynamicCache
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMultimodalLM,
+    AutoModelForTextToWaveform,
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration, MiMoAudioModel
 from transformers_mimo.configuration_mimo_audio import MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
@@ -533,6 +541,37 @@ def tiny_config(**overrides):
     )  # fmt: skip
     settings.update(overrides)
     return MiMoAudioConfig(**settings)
+
+
+def test_patch_on_another_layout_matches_step_by_step_reference():
+    """Unordered delays [2, 0, 3], 3 frames per patch, an empty id that is not the last code: the patch `generate`
+    emits and the teacher-forced logits (the training path) equal the step-by-step reference `greedy_patch`."""
+    torch.manual_seed(6)
+    model = MiMoAudioForConditionalGeneration(tiny_config()).eval()
+    config = model.config
+    input_ids = torch.randint(0, 400, (1, 6))
+    input_ids[0, 2:4] = config.empty_token_id
+    audio = torch.stack([torch.randint(0, size, (1, 6, config.group_size)) for size in config.audio_vocab_sizes], -1)
+
+    class ChooseAudio(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, config.empty_token_id] = 0.0
+            return forced
+
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, audio_input_ids=audio).last_hidden_state[0, -1:]
+        codes, logits = greedy_patch(model, model.get_patch_decoder_inputs(hidden)[:, None])
+        out = model.generate(
+            input_ids, audio, max_new_tokens=1, do_sample=False, audio_do_sample=False, eos_token_id=None,
+            logits_processor=LogitsProcessorList([ChooseAudio()]), return_dict_in_generate=True, output_logits=True,
+        )  # fmt: skip
+        teacher_forced = model.teacher_forced_audio_logits(hidden, codes)
+    assert torch.equal(out.audio_sequences[0, -1], codes[0])
+    assert [len(set(codes[0, :, c].tolist())) > 1 for c in range(3)] == [True] * 3  # codes vary within the patch
+    for channel in range(config.audio_channels):
+        torch.testing.assert_close(out.audio_logits[0][channel][0], logits[channel], atol=1e-5, rtol=0)
+        torch.testing.assert_close(teacher_forced[channel][0], logits[channel], atol=1e-5, rtol=0)
 
 
 def test_loss_matches_reference_loop_on_another_layout():
