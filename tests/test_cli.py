@@ -1,10 +1,11 @@
-"""The `mimo-audio` command line: demo, reconstruct, asr and tts end to end in a subprocess (`python -m
-transformers_mimo.cli`) on the tiny golden checkpoints, checked against the same pipeline run in-process through the
+"""The `mimo-audio` command line: demo, reconstruct, asr and tts end to end in a subprocess (the installed
+`mimo-audio` console script) on the tiny golden checkpoints, checked against the same pipeline run in-process through the
 library; the other commands and the error paths in-process through `main(argv)`."""
 
 import filecmp
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,16 @@ SPEECH_LINE = re.compile(r"speech: (\d+) patch\(es\), ([\d.]+) s at (\d+) Hz -> 
 PCM16_STEP = 1 / 32768  # generation outputs are written as 16-bit PCM WAV
 
 
+def _console_script() -> str:
+    """The `mimo-audio` script that installing the package put next to this Python (or on PATH)."""
+    script = Path(sys.executable).with_name("mimo-audio")
+    found = str(script) if script.is_file() else shutil.which("mimo-audio")
+    assert found, "the `mimo-audio` console script is not installed: run `pip install -e .` first"
+    return found
+
+
 def _run_cli(*args, cwd):
-    """`python -m transformers_mimo.cli ARGS` offline, with the thread count of the in-process references."""
+    """`mimo-audio ARGS` offline, with the thread count of the in-process references."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
@@ -41,7 +50,7 @@ def _run_cli(*args, cwd):
         "OMP_NUM_THREADS": "2",
         "HF_HUB_OFFLINE": "1",
     }
-    command = [sys.executable, "-m", "transformers_mimo.cli", *map(str, args)]
+    command = [_console_script(), *map(str, args)]
     result = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, timeout=600)
     # Decoded without newline translation, so that generated text (any characters) comes back exactly.
     stdout, stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8", errors="replace")
