@@ -299,8 +299,10 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         embeds = None
         for channel, (table, empty_id) in enumerate(zip(self.audio_embeddings, self.config.audio_empty_ids)):
             codes = audio_codes[..., channel]
-            channel_embeds = table(codes).masked_fill((codes == empty_id).unsqueeze(-1), 0.0)
-            embeds = channel_embeds if embeds is None else embeds + channel_embeds
+            channel_embeds = table(codes)  # tables may sit on different devices under `device_map`
+            is_empty = (codes == empty_id).unsqueeze(-1).to(channel_embeds.device)
+            channel_embeds = channel_embeds.masked_fill(is_empty, 0.0)
+            embeds = channel_embeds if embeds is None else embeds + channel_embeds.to(embeds.device)
         return embeds
 
     def get_inputs_embeds(
@@ -322,7 +324,8 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
         is_audio = input_ids == self.config.empty_token_id
-        text_embeds = self.get_input_embeddings()(input_ids).masked_fill(is_audio.unsqueeze(-1), 0.0)
+        text_embeds = self.get_input_embeddings()(input_ids)
+        text_embeds = text_embeds.masked_fill(is_audio.unsqueeze(-1).to(text_embeds.device), 0.0)
         if audio_input_ids is None:
             if is_audio.any():
                 raise ValueError(
@@ -344,7 +347,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
             self.embed_audio_frames(patch_codes), is_causal=not self.config.input_full_attention
         )
         audio_embeds = torch.zeros_like(text_embeds)
-        audio_embeds[is_audio] = patch_embeds.to(audio_embeds.dtype)
+        audio_embeds[is_audio.to(audio_embeds.device)] = patch_embeds.to(audio_embeds.device, audio_embeds.dtype)
         return text_embeds + audio_embeds
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -471,8 +474,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
             channel_embeds = table(codes)
             if self.patch_decoder.embeddings_proj is not None:
                 channel_embeds = self.patch_decoder.embeddings_proj(channel_embeds)
-            channel_embeds = channel_embeds * active.unsqueeze(-1).to(channel_embeds.dtype)
-            embeds = channel_embeds if embeds is None else embeds + channel_embeds
+            channel_embeds = channel_embeds * active.unsqueeze(-1).to(channel_embeds.device, channel_embeds.dtype)
+            embeds = channel_embeds if embeds is None else embeds + channel_embeds.to(embeds.device)
         return embeds
 
     def get_audio_logits(self, patch_decoder_hidden_states: torch.Tensor, codebook: int) -> torch.Tensor:
