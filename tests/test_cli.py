@@ -188,14 +188,17 @@ def test_asr_prints_the_transcript(tmp_path, pipeline):
 
 
 def test_tts_writes_the_generated_speech(tmp_path, pipeline):
-    """`tts` with a style (greedy, 12 positions): the printed text and the WAV of processor.tts -> generate ->
-    batch_decode."""
+    """`tts` with a style and a voice prompt (greedy, 12 positions): the printed text and the WAV of processor.tts ->
+    generate -> batch_decode."""
     output = tmp_path / "speech.wav"
+    voice = AUDIO / "prompt_speech_en_w.wav"
     result = _run_cli(
         "tts",
         "Good morning",
         "--instruct",
         "calm",
+        "--voice",
+        voice,
         "--output",
         output,
         *MODEL_ARGS,
@@ -206,7 +209,8 @@ def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     )
     assert result.returncode == 0, result.stderr
     model, processor = pipeline
-    text, audio, patches = _generate(model, processor, processor.tts("Good morning", style="calm"), "tts", 12)
+    inputs = processor.tts("Good morning", style="calm", voice=str(voice))
+    text, audio, patches = _generate(model, processor, inputs, "tts", 12)
     text_line, speech_line = result.stdout.removesuffix("\n").rsplit("\n", 1)  # the text may hold newlines
     assert text_line == f"text: {text}" and patches > 0
     _check_speech_file(speech_line, output, audio, patches, 4 * 960)

@@ -250,6 +250,7 @@ def cmd_tts(args) -> int:
     if not args.text.strip():
         raise InputError("the text to speak is empty.")
     model, processor = load_model_and_processor(args)
+    voice = None if voice is None else _encoded_audio(processor, voice)
     inputs = processor.tts(args.text, style=args.instruct, voice=voice)
     text, waveform, patches = run_generation(model, processor, inputs, args, task="tts", description="tts")
     print(f"text: {text}")
@@ -260,7 +261,8 @@ def cmd_tts(args) -> int:
 def cmd_asr(args) -> int:
     audio = _check_input_file(args.audio)
     model, processor = load_model_and_processor(args)
-    text, _, _ = run_generation(model, processor, processor.asr(audio), args, task="asr", description="asr")
+    inputs = processor.asr(_encoded_audio(processor, audio))
+    text, _, _ = run_generation(model, processor, inputs, args, task="asr", description="asr")
     print(text)
     return 0
 
@@ -270,7 +272,7 @@ def cmd_understand(args) -> int:
     if not args.question.strip():
         raise InputError("--question is empty.")
     model, processor = load_model_and_processor(args)
-    inputs = processor.audio_understanding(audio, args.question, thinking=args.thinking)
+    inputs = processor.audio_understanding(_encoded_audio(processor, audio), args.question, thinking=args.thinking)
     text, _, _ = run_generation(model, processor, inputs, args, task="audio_understanding", description="understand")
     print(text)
     return 0
@@ -313,6 +315,13 @@ def cmd_chat(args) -> int:
     if voice is not None and output is None:
         raise InputError("--voice sets the voice of a spoken reply: add --output reply.wav.")
     model, processor = load_model_and_processor(args)
+    for message in messages:
+        if isinstance(message["content"], list):
+            message["content"] = [
+                _encoded_audio(processor, item["path"]) if item["type"] == "audio" else item
+                for item in message["content"]
+            ]
+    voice = None if voice is None else _encoded_audio(processor, voice)
     inputs = processor.spoken_dialogue(
         messages, system_prompt=args.system, voice=voice, output_modality="audio" if output else "text"
     )
@@ -324,16 +333,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate: int, num_quantizers: int | None):
+def encode_waveform(codec, feature_extractor, waveform: torch.Tensor, sampling_rate: int, num_quantizers: int | None):
     """
-    Codec round trip of one clip: waveform `(channels, samples)` -> log-mel -> codes `(num_quantizers, frames)` ->
-    waveform `(samples,)` at the codec's rate. Encoding runs segment by segment (`config.segment_length` mel frames,
-    which the codec encodes independently anyway) and decoding in segments of 1500 code frames as the processor decodes
-    generated speech, each with a progress bar; a clip shorter than 60 s is one codec call each way.
+    Waveform `(channels, samples)` -> codes `(num_quantizers, frames)`, segment by segment (`config.segment_length` mel
+    frames, which the codec encodes independently anyway, so the codes equal one `encode` call) with a progress bar.
     """
     from tqdm.auto import tqdm
-
-    from .processing_mimo_audio import DECODE_SEGMENT_FRAMES
 
     features = feature_extractor(waveform, sampling_rate=sampling_rate)["input_features"]
     segment = codec.config.segment_length
@@ -344,8 +349,42 @@ def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate:
         ):
             chunk = features[..., start : start + segment].to(codec.device, codec.dtype)
             codes.append(codec.encode(chunk, num_quantizers=num_quantizers).audio_codes[0])
-        codes = torch.cat(codes, dim=-1)
-        audio = []
+    return torch.cat(codes, dim=-1).cpu()
+
+
+def read_audio(path: str) -> tuple[torch.Tensor, int]:
+    """An audio file as a float32 waveform `(channels, samples)` and its sampling rate."""
+    import soundfile as sf
+
+    array, rate = sf.read(path, dtype="float32", always_2d=True)
+    if array.shape[0] == 0:
+        raise InputError(f"{path!r} holds no samples.")
+    return torch.from_numpy(array.T.copy()), rate
+
+
+def _encoded_audio(processor, path: str) -> dict:
+    """An audio file as a content item of precomputed codes, encoded with a progress bar (long files take a while);
+    the processor would compute the same codes from the path."""
+    waveform, rate = read_audio(path)
+    codes = encode_waveform(
+        processor.audio_tokenizer, processor.feature_extractor, waveform, rate, processor.audio_channels
+    )
+    return {"type": "audio", "audio_codes": codes}
+
+
+def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate: int, num_quantizers: int | None):
+    """
+    Codec round trip of one clip: waveform `(channels, samples)` -> codes `(num_quantizers, frames)`
+    (`encode_waveform`) -> waveform `(samples,)` at the codec's rate, decoded in segments of 1500 code frames as the
+    processor decodes generated speech, with a progress bar; a clip shorter than 60 s is one codec call each way.
+    """
+    from tqdm.auto import tqdm
+
+    from .processing_mimo_audio import DECODE_SEGMENT_FRAMES
+
+    codes = encode_waveform(codec, feature_extractor, waveform, sampling_rate, num_quantizers).to(codec.device)
+    audio = []
+    with torch.inference_mode():
         for start in tqdm(
             range(0, codes.shape[-1], DECODE_SEGMENT_FRAMES), desc="decode", file=sys.stderr, disable=None, leave=False
         ):
@@ -367,16 +406,13 @@ def cmd_reconstruct(args) -> int:
         raise InputError(
             f"--num-quantizers must be between 1 and {codec.config.num_quantizers}, got {args.num_quantizers}."
         )
-    array, rate = sf.read(source, dtype="float32", always_2d=True)
-    if array.shape[0] == 0:
-        raise InputError(f"{source!r} holds no samples.")
-    waveform = torch.from_numpy(array.T.copy())  # (channels, samples); the feature extractor downmixes and resamples
+    waveform, rate = read_audio(source)  # (channels, samples); the feature extractor downmixes and resamples
     feature_extractor = MiMoAudioFeatureExtractor.from_audio_tokenizer_config(codec.config)
     codes, audio = reconstruct(codec, feature_extractor, waveform, rate, args.num_quantizers)
     rate_out = codec.config.sampling_rate
     # 32-bit float WAV, so the file holds the codec output exactly.
     sf.write(output, audio.numpy(), rate_out, subtype="FLOAT" if output.suffix.lower() == ".wav" else None)
-    print(f"input: {source}, {array.shape[0] / rate:.2f} s at {rate} Hz, {array.shape[1]} channel(s)")
+    print(f"input: {source}, {waveform.shape[1] / rate:.2f} s at {rate} Hz, {waveform.shape[0]} channel(s)")
     print(f"codes: {tuple(codes.shape)} (quantizers, frames at {codec.config.frame_rate:g} Hz)")
     print(f"output: {output}, {audio.shape[0] / rate_out:.2f} s at {rate_out} Hz ({audio.shape[0]} samples)")
     return 0
