@@ -13,7 +13,9 @@ statistics and the ISTFT (window included) in float32, where the original rounds
   * codes >= 90 % equal overall and >= 95 % for the first quantizer (observed 94-97 % and 99-100 %);
   * pre-quantization states <= 0.1 abs (1-2 bf16 ulps at magnitude 4-8; observed 0.047-0.063);
   * RVQ decode of given codes: exact;
-  * waveforms <= 4e-3 abs, about 3 % of the peak (observed 1.4e-3-1.8e-3).
+  * waveforms <= 4e-3 abs, about 3 % of the peak (observed 1.4e-3-1.8e-3), streaming pieces included;
+  * a streamed batch item against the same stream alone: <= 2e-3 (observed 1.1e-3; bf16 kernels round differently
+    for other batch shapes).
 """
 
 import json
@@ -274,12 +276,19 @@ def test_decode_batch_items_equal_items_alone(case):
 # ------------------------------------------------------------------------------------------------- streaming
 
 
+# dtype -> (torch dtype, tolerance against the golden, tolerance between a batch item and that item alone). In bf16 the
+# matrix kernels round differently for other batch shapes, so batch and single agree to bf16 noise (measured 1.1e-3).
+STREAM_DTYPES = {"fp32": (torch.float32, WAV_ATOL, 1e-5), "bf16": (torch.bfloat16, BF16_WAV_ATOL, 2e-3)}
+
+
+@pytest.mark.parametrize("dtype", STREAM_DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_streaming_single_stream_matches_original(case):
+def test_streaming_single_stream_matches_original(case, dtype):
     """Default overlaps (left 250, right 40); the first chunk is held back (the original returned None)."""
-    tokenizer, g = model(case), golden(case)
-    calls = manifest(case)["info"]["fp32"]["stream1"]["calls"]
-    codes = g["fp32.codes_single_segment"][:8]
+    torch_dtype, atol, _ = STREAM_DTYPES[dtype]
+    tokenizer, g = model(case, dtype=torch_dtype), golden(case)
+    calls = manifest(case)["info"][dtype]["stream1"]["calls"]
+    codes = g[f"{dtype}.codes_single_segment"][:8]
     cache, start, pieces = None, 0, []
     for call in calls:
         (length,) = call["chunk_input_lengths"]
@@ -293,21 +302,23 @@ def test_streaming_single_stream_matches_original(case):
         if call["returned_none"][0]:
             assert output.audio_values_lengths.tolist() == [0]
             continue
-        expected = g[f"fp32.stream1.call{call['call']}.wav0"]
-        torch.testing.assert_close(valid_audio(output), expected, atol=WAV_ATOL, rtol=0)
+        expected = g[f"{dtype}.stream1.call{call['call']}.wav0"].float()
+        torch.testing.assert_close(valid_audio(output), expected, atol=atol, rtol=0)
         pieces.append(valid_audio(output))
     # The pieces cover the whole utterance once.
     assert torch.cat(pieces, dim=-1).shape[-1] == codes.shape[-1] * 960
 
 
+@pytest.mark.parametrize("dtype", STREAM_DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_streaming_two_streams(case):
+def test_streaming_two_streams(case, dtype):
     """Each stream equals that stream streamed alone. The original's batched goldens are compared exactly where they
     do not depend on the batch: the stream whose input is the longest of its call (quirks T2/T3 touch the others)."""
-    tokenizer, g = model(case), golden(case)
-    info = manifest(case)["info"]["fp32"]["stream2"]
+    torch_dtype, atol, batch_atol = STREAM_DTYPES[dtype]
+    tokenizer, g = model(case, dtype=torch_dtype), golden(case)
+    info = manifest(case)["info"][dtype]["stream2"]
     overlaps = {name: info["streaming_config"][name] for name in ("left_overlap", "right_overlap")}
-    streams = [g["fp32.stream2.codes_stream0"], g["fp32.stream2.codes_stream1"]]
+    streams = [g[f"{dtype}.stream2.codes_stream0"], g[f"{dtype}.stream2.codes_stream1"]]
     cache, alone_caches, starts, kept = None, [None, None], [0, 0], [0, 0]
     compared_with_golden = 0
     for call in info["calls"]:
@@ -322,10 +333,10 @@ def test_streaming_two_streams(case):
                 chunk[None], cache=alone_caches[index], is_last_chunk=call["last_chunk"], **overlaps
             )
             alone_caches[index] = alone.cache
-            torch.testing.assert_close(valid_audio(output, index), valid_audio(alone), atol=1e-5, rtol=0)
+            torch.testing.assert_close(valid_audio(output, index), valid_audio(alone), atol=batch_atol, rtol=0)
             if inputs[index] == max(inputs):
-                expected = g[f"fp32.stream2.call{call['call']}.wav{index}"]
-                torch.testing.assert_close(valid_audio(output, index), expected, atol=WAV_ATOL, rtol=0)
+                expected = g[f"{dtype}.stream2.call{call['call']}.wav{index}"].float()
+                torch.testing.assert_close(valid_audio(output, index), expected, atol=atol, rtol=0)
                 compared_with_golden += 1
         starts = [p + n for p, n in zip(starts, call["chunk_input_lengths"])]
         kept = call["cache_hidden_lengths_after"]
@@ -374,14 +385,7 @@ def test_bf16_against_original_bf16(case):
         audio = tokenizer.decode(codes_in[None]).audio_values
         assert audio.dtype == torch.float32
         torch.testing.assert_close(audio, g[f"bf16.{name}"].float(), atol=BF16_WAV_ATOL, rtol=0)
-    # bf16 streaming, first returned piece.
-    calls = manifest(case)["info"]["bf16"]["stream1"]["calls"]
-    cache, start = None, 0
-    for call in calls[:2]:
-        (length,) = call["chunk_input_lengths"]
-        piece = tokenizer.streaming_decode(expected_codes[None, :8, start : start + length], cache=cache)
-        cache, start = piece.cache, start + length
-    torch.testing.assert_close(valid_audio(piece), g["bf16.stream1.call1.wav0"], atol=BF16_WAV_ATOL, rtol=0)
+    # bf16 streaming: test_streaming_single_stream_matches_original and test_streaming_two_streams.
 
 
 # ------------------------------------------------------------------------------------------------- attention
