@@ -177,6 +177,13 @@ def test_encode_long_input_in_segments_matches_each_segment_alone(case):
     assert int(output.audio_codes_mask.sum()) == int(g["fp32.codes_multi_segment_output_lengths"].sum())
     # The original's batched quirk really differs here, so this test tells the two apart.
     assert not torch.equal(g["fp32.codes_multi_segment"], g["fp32.codes_multi_segment_each_alone"])
+    # bf16: >= 85 % of the codes equal (observed 90-96 %; the original's own bf16 and fp32 codes agree 91-94 % here,
+    # deeper quantizers diverging most) and >= 95 % of the first quantizer's (observed 97 %).
+    bf16 = MiMoAudioTokenizerModel.from_pretrained(
+        GOLDEN / case / "checkpoint", segment_length=segment_lengths[0], dtype=torch.bfloat16
+    )
+    codes, expected = bf16.encode(mel(case)).audio_codes[0], g["bf16.codes_multi_segment_each_alone"]
+    assert (codes == expected).float().mean() >= 0.85 and (codes[0] == expected[0]).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("case", CASES)
