@@ -219,7 +219,7 @@ def run_generation(model, processor, inputs, args, task: str, description: str):
     from transformers import set_seed
 
     generation_config = _generation_config(model, processor, args, task)
-    speech = processor.eostm_token_id in generation_config.eos_token_id
+    speech = processor.eostm_token_id in generation_config.eos_token_id  # the answer is a speech stream
     if args.seed is not None:
         set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
@@ -473,7 +473,9 @@ def cmd_demo(args) -> int:
         "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode"
     )
     inputs = processor.spoken_dialogue(conversation)
-    text, waveform, patches = run_generation(model, processor, inputs, args, task="spoken_dialogue", description="dialogue")
+    text, waveform, patches = run_generation(
+        model, processor, inputs, args, task="spoken_dialogue", description="dialogue"
+    )
     print(f"  generated text: {text!r}")
     print("  " + _write_speech(processor, waveform, dialogue_output, patches))
 

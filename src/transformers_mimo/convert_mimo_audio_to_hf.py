@@ -242,7 +242,7 @@ def convert(
                 if key in original_shapes:
                     raise ValueError(f"Tensor {key} appears in several weight files.")
                 original_shapes[key] = tuple(handle.get_slice(key).get_shape())
-    renames, dropped = convert_state_dict_keys(original_shapes, expected_shapes)
+    renames, _ = convert_state_dict_keys(original_shapes, expected_shapes)
 
     state_dict = {}
     for file in files:
@@ -251,7 +251,7 @@ def convert(
                 if key in renames:
                     tensor = handle.get_tensor(key)
                     state_dict[renames[key]] = tensor.to(target_dtype) if target_dtype is not None else tensor
-                else:
+                else:  # listed as dropped by convert_state_dict_keys
                     check_dropped_rotary_buffer(key, handle.get_tensor(key), config)
                     logger.warning(f"Dropped {key}: the rotary inv_freq buffer, recomputed from the config (checked).")
     model.load_state_dict(state_dict, strict=True, assign=True)
