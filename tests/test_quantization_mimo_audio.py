@@ -129,18 +129,21 @@ def test_quantized_load_forward_generate(checkpoint, reference, inputs, mode):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_pre_quantized_save_and_reload(checkpoint, inputs, mode, tmp_path):
-    """Saved right after loading, reloaded from the pre-quantized directory without `quantization_config`: the same
-    modules are quantized and the logits are identical. (4-bit models are saved before their first CPU inference:
-    bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel then, and its unpacking on save does not
-    restore the block scales; see docs/quantization.md. int8 is also saved after a forward pass.)"""
+@pytest.mark.parametrize("after_inference", [False, True])
+def test_pre_quantized_save_and_reload(checkpoint, inputs, mode, after_inference, tmp_path):
+    """Saved right after loading or after a forward pass, reloaded from the pre-quantized directory without
+    `quantization_config`: the same modules are quantized and the logits are identical. (On CPUs with AVX512-BF16,
+    bitsandbytes 0.50 repacks 4-bit weights for its CPU kernel at the first forward pass; `save_pretrained` unpacks
+    them with the block scales restored.)"""
     model = _load(checkpoint, mode)
-    if mode == "int8":
+    if after_inference:
         with torch.no_grad():
-            model(**inputs)
+            before_save = model(**inputs)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         expected = model(**inputs)
+    if after_inference:  # saving does not change the model in memory
+        assert torch.equal(expected.logits, before_save.logits)
     reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path, device_map="cpu").eval()
     assert reloaded.config.quantization_config.quant_method == "bitsandbytes"
     _assert_llm_only_quantized(reloaded, mode)

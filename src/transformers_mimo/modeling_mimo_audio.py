@@ -89,7 +89,29 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
         """
         if self.can_generate():
             self.generation_config._from_model_config = False
+        self._unpack_bnb_cpu_4bit_weights()
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    def _unpack_bnb_cpu_4bit_weights(self):
+        """
+        bitsandbytes (0.50) repacks each 4-bit weight for its AVX512-BF16 CPU kernel at the first CPU inference: the
+        block scales become bf16 (dequantized first under double quantization) and are stored transposed. Its own
+        unpacking on save leaves them transposed (the checkpoint then reloads as another model) or re-quantizes them
+        (a slightly different model). Unpack here with the bf16 scales in their original layout, as plain float32
+        scales: the saved model computes exactly what the repacked one did (without double quantization of the
+        scales, which cost 0.5 instead of 0.13 bits per weight).
+        """
+        for module in self.modules():
+            weight = getattr(module, "weight", None)
+            state = getattr(weight, "quant_state", None)
+            if state is None or not getattr(state, "packing_format_for_cpu", False):
+                continue
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            state.original_nested = False  # keep the scales the repacked model used, instead of re-quantizing them
+            weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)  # (N * K / blocksize,), quantization's order
+            weight.quant_state = state
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
