@@ -463,12 +463,14 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
     assert mixed.sequences[0, prompt_length] == greedy.sequences[0, prompt_length]
 
 
-def _warped_reference(logits, temperature, top_p, banned=()):
+def _warped_reference(logits, temperature, top_p, banned=(), ban_after=False):
     """Temperature then nucleus filtering, written out in float64: a token is kept when the probability of the tokens
-    no likelier than it, itself included, exceeds `1 - top_p`. Returns the scores and the tokens within 1e-6 of
-    that boundary (where float32 rounding may decide either way)."""
+    no likelier than it, itself included, exceeds `1 - top_p`. `banned` tokens are removed first, or last with
+    `ban_after` (the original's order). Returns the scores and the tokens within 1e-6 of that boundary (where float32
+    rounding may decide either way)."""
     scores = logits.double().clone()
-    scores[..., list(banned)] = float("-inf")
+    if not ban_after:
+        scores[..., list(banned)] = float("-inf")
     scores = scores / temperature
     probs = scores.softmax(-1)
     ascending, order = probs.sort(-1)
@@ -476,7 +478,10 @@ def _warped_reference(logits, temperature, top_p, banned=()):
     kept = mass_up_to > 1 - top_p
     kept |= probs == probs.max(-1, keepdim=True).values
     near = (mass_up_to - (1 - top_p)).abs() < 1e-6
-    return torch.where(kept, scores, float("-inf")), near
+    scores = torch.where(kept, scores, float("-inf"))
+    if ban_after:
+        scores[..., list(banned)] = float("-inf")
+    return scores, near
 
 
 def test_temperature_and_top_p_shape_text_and_audio_scores(models, golden):
@@ -532,6 +537,76 @@ def test_temperature_and_top_p_shape_text_and_audio_scores(models, golden):
             assert finite.gather(-1, codes[:, None]).all()
             assert (finite.sum(-1) < audio_scores.shape[-1] - 1).any()  # the nucleus removed something
     assert 2 <= audio_steps < 10
+
+
+@pytest.mark.parametrize("original_order", [False, True])
+def test_original_sampling_order_bans_after_filtering(models, golden, original_order):
+    """Stop ids under `min_new_tokens` and each codebook's empty id are removed before top-p by default and after it
+    with `original_sampling_order=True` (the original's order), for the text and every codebook; the two orders
+    really differ here."""
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    config = model.config
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], config.group_size)
+    stop = 7
+    bias = torch.zeros(config.text_config.vocab_size)
+    bias[config.empty_token_id], bias[stop] = 4.0, 6.0  # audio steps, and a stop id inside the nucleus
+
+    class Bias(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + bias
+
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids,
+        audio_input_ids,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        eos_token_id=[stop],
+        pad_token_id=0,
+        do_sample=True,
+        top_k=0,
+        top_p=0.9,
+        audio_top_p=0.7,
+        original_sampling_order=original_order,
+        logits_processor=LogitsProcessorList([Bias()]),
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    orders_differ = {"text": 0, "audio": 0}
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        checks = [("text", scores[0], logits[0] + bias, 0.9, [stop])]
+        if out.sequences[0, input_ids.shape[1] + step] == config.empty_token_id:
+            for channel, (audio_scores, audio_logits) in enumerate(zip(out.audio_scores[step], out.audio_logits[step])):
+                checks.append(("audio", audio_scores[0], audio_logits[0], 0.7, [config.audio_empty_ids[channel]]))
+        for kind, got, raw, top_p, banned in checks:
+            expected, near = _warped_reference(raw, 1.0, top_p, banned, ban_after=original_order)
+            other, _ = _warped_reference(raw, 1.0, top_p, banned, ban_after=not original_order)
+            finite = torch.isfinite(got)
+            assert torch.equal(finite[~near], torch.isfinite(expected)[~near])
+            torch.testing.assert_close(got[finite].double(), expected[finite], rtol=1e-6, atol=1e-6)
+            orders_differ[kind] += int(not torch.equal(torch.isfinite(expected), torch.isfinite(other)))
+    assert stop not in out.sequences[0, input_ids.shape[1] :]
+    assert orders_differ["text"] >= 2 and orders_differ["audio"] >= 1, orders_differ
+
+
+def test_original_sampling_order_with_only_banned_tokens_left_is_a_clear_error(models, golden):
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[7] = 100.0  # the stop id takes the whole nucleus, and min_new_tokens bans it
+
+    class Bias(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + bias
+
+    kwargs = dict(max_new_tokens=2, min_new_tokens=2, eos_token_id=[7], pad_token_id=0, do_sample=True, top_p=0.5)
+    kwargs["logits_processor"] = LogitsProcessorList([Bias()])
+    with pytest.raises(ValueError, match="kept only banned tokens for the text channel"):
+        model.generate(input_ids, audio_input_ids, original_sampling_order=True, **kwargs)
+    assert model.generate(input_ids, audio_input_ids, **kwargs).sequences.shape[1] == input_ids.shape[1] + 2
 
 
 def test_sampled_audio_never_emits_empty_ids(models, golden):

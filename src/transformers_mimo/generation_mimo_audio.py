@@ -13,6 +13,7 @@ original checked only the first sample). Greedy decoding reproduces the original
 rule (stop ids banned while fewer than `min_new_tokens` positions were generated). Under sampling, banned ids (stop ids
 before `min_new_tokens`, each codebook's empty id) are removed before temperature / top-k / top-p, as Transformers
 orders its processors; the original removed them afterwards, so its top-k could keep fewer than k candidates.
+`original_sampling_order=True` (a generation config key) bans them afterwards, as the original does.
 
 The patch decoder reuses one `StaticCache` for every patch of a `generate` call; `model.patch_decoder.compile()`
 compiles its step (see `benchmarks/bench_generate.py`).
@@ -28,6 +29,8 @@ from transformers.cache_utils import StaticCache
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, GenerationMixin, GenerationMode
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -36,12 +39,14 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 
-# Sampling controls of the audio channel and their defaults. `audio_do_sample=None` follows the text's `do_sample`.
-AUDIO_GENERATION_DEFAULTS = {
+# Generation config keys of MiMo-Audio and their defaults: the audio channel's sampling (`audio_do_sample=None` follows
+# the text's `do_sample`) and `original_sampling_order` (ban ids after temperature / top-k / top-p, as the original).
+MIMO_AUDIO_GENERATION_DEFAULTS = {
     "audio_do_sample": None,
     "audio_temperature": 1.0,
     "audio_top_k": None,
     "audio_top_p": 1.0,
+    "original_sampling_order": False,
 }
 
 
@@ -153,8 +158,18 @@ def _check_audio_generation_config(generation_config: GenerationConfig):
     top_p = generation_config.audio_top_p
     if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"`audio_top_p` must be in (0, 1], got {top_p!r}.")
-    if not isinstance(generation_config.audio_do_sample, bool):
-        raise ValueError(f"`audio_do_sample` must be a bool, got {generation_config.audio_do_sample!r}.")
+    for key in ("audio_do_sample", "original_sampling_order"):
+        if not isinstance(getattr(generation_config, key), bool):
+            raise ValueError(f"`{key}` must be a bool, got {getattr(generation_config, key)!r}.")
+
+
+def _check_some_token_allowed(scores: torch.Tensor, channel: str):
+    """With `original_sampling_order`, the filters may keep only banned tokens (the original then fails to sample)."""
+    if not torch.isfinite(scores).any(dim=-1).all():
+        raise ValueError(
+            f"With `original_sampling_order=True`, temperature / top-k / top-p kept only banned tokens for {channel} "
+            "(the original fails at this step too): raise top_k / top_p, or use the default order."
+        )
 
 
 class MiMoAudioGenerationMixin(GenerationMixin):
@@ -227,11 +242,11 @@ class MiMoAudioGenerationMixin(GenerationMixin):
     def _prepare_generation_config(
         self, generation_config: GenerationConfig | None, **kwargs: Any
     ) -> tuple[GenerationConfig, dict]:
-        audio_kwargs = {key: kwargs.pop(key) for key in AUDIO_GENERATION_DEFAULTS if key in kwargs}
+        mimo_kwargs = {key: kwargs.pop(key) for key in MIMO_AUDIO_GENERATION_DEFAULTS if key in kwargs}
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
-        for key, default in AUDIO_GENERATION_DEFAULTS.items():
-            if key in audio_kwargs:
-                setattr(generation_config, key, audio_kwargs[key])
+        for key, default in MIMO_AUDIO_GENERATION_DEFAULTS.items():
+            if key in mimo_kwargs:
+                setattr(generation_config, key, mimo_kwargs[key])
             elif getattr(generation_config, key, None) is None:
                 setattr(generation_config, key, default)
         if generation_config.audio_do_sample is None:
@@ -261,8 +276,18 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             model_inputs["audio_input_ids"] = audio_input_ids[:, -length:].to(model_inputs["input_ids"].device)
         return model_inputs
 
+    def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
+        """Transformers' text processors; with `original_sampling_order`, the min-length bans of stop ids go last
+        (after temperature / top-k / top-p), as the original removes them from the already filtered scores."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if not generation_config.original_sampling_order:
+            return processors
+        bans = [p for p in processors if isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor))]
+        return LogitsProcessorList([p for p in processors if not any(p is ban for ban in bans)] + bans)
+
     def _audio_warpers(self, generation_config: GenerationConfig) -> LogitsProcessorList:
-        """Warpers applied to each codebook's scores (after its empty id is banned) when `audio_do_sample`."""
+        """Warpers applied to each codebook's scores when `audio_do_sample` (after its empty id is banned, or before
+        with `original_sampling_order`)."""
         warpers = LogitsProcessorList()
         if not generation_config.audio_do_sample:
             return warpers
@@ -319,6 +344,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         processed = [[] for _ in empty_ids] if keep_scores else None
         last_step = len(decoding.channels) - 1
 
+        original_order = generation_config.original_sampling_order and generation_config.audio_do_sample
         decoding.cache.reset()
         inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
         for step, channels in enumerate(decoding.channels):
@@ -326,9 +352,14 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             for channel in channels:
                 logits = self.get_audio_logits(hidden, channel).float()
                 scores = logits.clone() if keep_scores else logits
-                scores[:, empty_ids[channel]] = float("-inf")
-                if audio_warpers:
-                    scores = audio_warpers(codes, scores)
+                if original_order:
+                    scores = audio_warpers(codes, scores) if audio_warpers else scores
+                    scores[:, empty_ids[channel]] = float("-inf")
+                    _check_some_token_allowed(scores, f"codebook {channel}")
+                else:
+                    scores[:, empty_ids[channel]] = float("-inf")
+                    if audio_warpers:
+                        scores = audio_warpers(codes, scores)
                 if generation_config.audio_do_sample:
                     tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
                 else:
@@ -403,6 +434,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             # 1. text channel
             next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
             next_token_scores = logits_processor(input_ids, next_token_logits)
+            if generation_config.do_sample and generation_config.original_sampling_order:
+                _check_some_token_allowed(next_token_scores, "the text channel")
             if generation_config.do_sample:
                 probs = nn.functional.softmax(next_token_scores, dim=-1)
                 next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
