@@ -2,6 +2,7 @@
 `mimo-audio` console script) on the tiny golden checkpoints, checked against the same pipeline run in-process through the
 library; the other commands and the error paths in-process through `main(argv)`."""
 
+import argparse
 import filecmp
 import os
 import re
@@ -214,6 +215,21 @@ def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     text_line, speech_line = result.stdout.removesuffix("\n").rsplit("\n", 1)  # the text may hold newlines
     assert text_line == f"text: {text}" and patches > 0
     _check_speech_file(speech_line, output, audio, patches, 4 * 960)
+
+
+def test_task_sampling_reaches_generate_unchanged(pipeline):
+    """The generation config a command builds samples as the task says, whatever the checkpoint stores: no top-k for
+    TTS (the original's TTS sampler has none) although the stored defaults have top-k 50, temperature 0.6, no top-p."""
+    model, processor = pipeline
+    args = argparse.Namespace(max_new_tokens=2, greedy=False)
+    config = cli._generation_config(model, processor, args, "tts")
+    config.output_scores = config.output_logits = True
+    torch.manual_seed(0)
+    out = model.generate(**processor.tts("Hello"), generation_config=config)
+    vocab_size = model.config.text_config.vocab_size
+    assert vocab_size > 50 and torch.isfinite(out.scores[0]).sum() == vocab_size
+    torch.testing.assert_close(out.scores[0], out.logits[0] / 0.6)
+    assert out.sequences.shape[1] == processor.tts("Hello")["input_ids"].shape[1] + 2
 
 
 def test_missing_input_file_exits_2_without_traceback(tmp_path):

@@ -411,16 +411,16 @@ def test_generation_kwargs_per_task(proc_a, model_a):
     processor = proc_a
     vocab = processor.tokenizer.get_vocab()
     eot, im_end, eostm, eosp = (vocab[t] for t in ("<|endoftext|>", "<|im_end|>", "<|eostm|>", "<|eosp|>"))
-    audio = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": None, "audio_top_p": 0.95}
+    audio = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": 0, "audio_top_p": 0.95}
     expected = {
         "asr": ([eot, im_end], {"do_sample": False}),
-        "audio_understanding": ([eot, im_end], {"do_sample": True, "temperature": 0.3, "top_k": None, "top_p": 0.95}),
-        "text_dialogue": ([eot, im_end], {"do_sample": True, "temperature": 0.4, "top_k": None, "top_p": 0.95}),
+        "audio_understanding": ([eot, im_end], {"do_sample": True, "temperature": 0.3, "top_k": 0, "top_p": 0.95}),
+        "text_dialogue": ([eot, im_end], {"do_sample": True, "temperature": 0.4, "top_k": 0, "top_p": 0.95}),
         "speech_to_text_dialogue": (
-            [eot, im_end], {"do_sample": True, "temperature": 0.6, "top_k": None, "top_p": 0.95}
+            [eot, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.95}
         ),
-        "tts": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": None, "top_p": 1.0}),
-        "spoken_dialogue": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": None, "top_p": 0.95}),
+        "tts": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 1.0}),
+        "spoken_dialogue": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.95}),
         "in_context_learning": ([eot, eostm], {"do_sample": False}),
         "speech_continuation": ([eot, eosp], {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}),
     }

@@ -85,11 +85,12 @@ DECODE_SEGMENT_FRAMES = 1500
 # `task_sampler_configs`): stop tokens besides end-of-text, and text / audio sampling. Every task of the original
 # samples audio at temperature 0.9 with top-p 0.95. Speech continuation has no builder in the original: it ends where
 # the open speech segment would be closed, at `<|eosp|>`, and samples with the original's defaults for other tasks.
-_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": None, "audio_top_p": 0.95}
+# A top-k of 0 is "no top-k" (None would be filled in from a checkpoint's stored generation config).
+_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": 0, "audio_top_p": 0.95}
 _GREEDY_TEXT = {"do_sample": False}
 
 
-def _text_sampling(temperature: float, top_p: float, top_k: int | None = None) -> dict:
+def _text_sampling(temperature: float, top_p: float, top_k: int = 0) -> dict:
     return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
 
 
