@@ -609,6 +609,42 @@ def test_original_sampling_order_with_only_banned_tokens_left_is_a_clear_error(m
     assert model.generate(input_ids, audio_input_ids, **kwargs).sequences.shape[1] == input_ids.shape[1] + 2
 
 
+@pytest.mark.parametrize("biased_row", [0, 1])
+def test_original_sampling_order_in_a_batch_checks_only_the_rows_it_uses(models, golden, monkeypatch, biased_row):
+    """Row 0 chooses text, row 1 audio; one row's patch decoder prefers its empty id so much that top-p keeps only it.
+    The patch of a text row is discarded, so that row must not stop generation; the audio row's must (a clear error)."""
+    tensors, _ = golden("lm_a")
+    model = models("lm_a")
+    config = model.config
+    input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], config.group_size)
+    input_ids, audio_input_ids = input_ids.expand(2, -1), audio_input_ids.expand(2, -1, -1, -1)
+
+    class TextThenAudio(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[0, 5], forced[1, config.empty_token_id] = 0.0, 0.0
+            return forced
+
+    get_audio_logits = model.get_audio_logits
+
+    def prefer_empty(hidden, channel):
+        logits = get_audio_logits(hidden, channel).clone()
+        logits[biased_row, config.audio_empty_ids[channel]] += 100.0
+        return logits
+
+    monkeypatch.setattr(model, "get_audio_logits", prefer_empty)
+    kwargs = dict(max_new_tokens=1, do_sample=True, audio_top_p=0.5, eos_token_id=None, original_sampling_order=True)
+    kwargs["logits_processor"] = LogitsProcessorList([TextThenAudio()])
+    if biased_row == 1:
+        with pytest.raises(ValueError, match="kept only banned tokens for codebook 0"):
+            model.generate(input_ids, audio_input_ids, **kwargs)
+        return
+    out = model.generate(input_ids, audio_input_ids, **kwargs)
+    assert out.sequences[:, -1].tolist() == [5, config.empty_token_id]
+    empty = torch.tensor(config.audio_empty_ids)
+    assert (out.audio_sequences[0, -1] == empty).all() and not (out.audio_sequences[1, -1] == empty).any()
+
+
 def test_sampled_audio_never_emits_empty_ids(models, golden):
     """High-temperature sampling of many patches: empty ids never appear at audio positions, always elsewhere."""
     tensors, manifest = golden("lm_b")

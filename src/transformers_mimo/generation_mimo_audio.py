@@ -163,13 +163,19 @@ def _check_audio_generation_config(generation_config: GenerationConfig):
             raise ValueError(f"`{key}` must be a bool, got {getattr(generation_config, key)!r}.")
 
 
-def _check_some_token_allowed(scores: torch.Tensor, channel: str):
-    """With `original_sampling_order`, the filters may keep only banned tokens (the original then fails to sample)."""
-    if not torch.isfinite(scores).any(dim=-1).all():
+def _sampling_scores(scores: torch.Tensor, used_rows: torch.Tensor, channel: str) -> torch.Tensor:
+    """
+    With `original_sampling_order`, temperature / top-k / top-p may keep only banned tokens. That is an error for a
+    row whose token is used (the original fails there too); a row whose token is discarded (a sample that chose text,
+    or has finished) samples from zeros instead. `scores` `(batch_size, vocab)`, `used_rows` `(batch_size,)` bool.
+    """
+    allowed = torch.isfinite(scores).any(dim=-1)
+    if not allowed[used_rows.to(allowed.device)].all():
         raise ValueError(
             f"With `original_sampling_order=True`, temperature / top-k / top-p kept only banned tokens for {channel} "
             "(the original fails at this step too): raise top_k / top_p, or use the default order."
         )
+    return torch.where(allowed[:, None], scores, torch.zeros_like(scores))
 
 
 class MiMoAudioGenerationMixin(GenerationMixin):
@@ -282,8 +288,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         if not generation_config.original_sampling_order:
             return processors
-        bans = [p for p in processors if isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor))]
-        return LogitsProcessorList([p for p in processors if not any(p is ban for ban in bans)] + bans)
+        ban_types = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
+        bans = [p for p in processors if isinstance(p, ban_types)]
+        return LogitsProcessorList([p for p in processors if not isinstance(p, ban_types)] + bans)
 
     def _audio_warpers(self, generation_config: GenerationConfig) -> LogitsProcessorList:
         """Warpers applied to each codebook's scores when `audio_do_sample` (after its empty id is banned, or before
@@ -317,6 +324,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         generation_config: GenerationConfig,
         audio_warpers: LogitsProcessorList,
         keep_scores: bool,
+        used_rows: torch.BoolTensor | None = None,
     ) -> tuple[torch.LongTensor, list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """
         Runs the patch decoder for one LLM position of every sample: step `t` produces frame `t - delay_pattern[c]`
@@ -327,6 +335,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         Args:
             backbone_hidden_state (`torch.Tensor` of shape `(batch_size, hidden_size)`): the LLM's last hidden state.
             decoding (`_PatchDecoding`): from `_prepare_patch_decoding`; its cache is reset here.
+            used_rows (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the samples whose patch is kept
+                (default: all); with `original_sampling_order`, only their sampling must be possible.
 
         Returns:
             codes `(batch_size, group_size, audio_channels)` and, if `keep_scores`, per codebook the raw logits and the
@@ -345,6 +355,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         last_step = len(decoding.channels) - 1
 
         original_order = generation_config.original_sampling_order and generation_config.audio_do_sample
+        if used_rows is None:
+            used_rows = torch.ones(batch_size, dtype=torch.bool)
         decoding.cache.reset()
         inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
         for step, channels in enumerate(decoding.channels):
@@ -355,13 +367,15 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                 if original_order:
                     scores = audio_warpers(codes, scores) if audio_warpers else scores
                     scores[:, empty_ids[channel]] = float("-inf")
-                    _check_some_token_allowed(scores, f"codebook {channel}")
+                    sampling_scores = _sampling_scores(scores, used_rows, f"codebook {channel}")
                 else:
                     scores[:, empty_ids[channel]] = float("-inf")
                     if audio_warpers:
                         scores = audio_warpers(codes, scores)
+                    sampling_scores = scores
                 if generation_config.audio_do_sample:
-                    tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                    probs = nn.functional.softmax(sampling_scores, dim=-1)
+                    tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
                 else:
                     tokens = torch.argmax(scores, dim=-1)
                 step_codes[:, 0, channel] = tokens
@@ -434,10 +448,12 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             # 1. text channel
             next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
             next_token_scores = logits_processor(input_ids, next_token_logits)
-            if generation_config.do_sample and generation_config.original_sampling_order:
-                _check_some_token_allowed(next_token_scores, "the text channel")
             if generation_config.do_sample:
-                probs = nn.functional.softmax(next_token_scores, dim=-1)
+                sampling_scores = next_token_scores
+                if generation_config.original_sampling_order:
+                    used_rows = unfinished_sequences.bool()
+                    sampling_scores = _sampling_scores(next_token_scores, used_rows, "the text channel")
+                probs = nn.functional.softmax(sampling_scores, dim=-1)
                 next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
             else:
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
@@ -454,6 +470,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                     generation_config,
                     audio_warpers,
                     keep_scores=output_scores or output_logits,
+                    used_rows=is_audio,
                 )
                 next_patch = torch.where(is_audio[:, None, None], patch.to(device), empty_patch)
             else:
