@@ -309,6 +309,11 @@ def test_force_never_deletes_an_original_inside_the_output_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="No safetensors weights"):
         convert(broken, output, force=True)
     assert (output / "model.safetensors").is_file() and sorted(path.name for path in original.iterdir()) == files
+    # A codec directory that does not exist stops the conversion before the language model's files are replaced.
+    written = {path.name: path.stat().st_mtime_ns for path in output.iterdir() if path.is_file()}
+    with pytest.raises(FileNotFoundError):
+        convert(original, output, tokenizer_dir=tmp_path / "no-codec", force=True)
+    assert {path.name: path.stat().st_mtime_ns for path in output.iterdir() if path.is_file()} == written
 
 
 def test_rotary_buffers_are_dropped_only_when_recomputable(tmp_path):
@@ -328,7 +333,8 @@ def test_rotary_buffers_are_dropped_only_when_recomputable(tmp_path):
         if ok:
             with CaptureLogger(conversion.logger) as captured:
                 convert(directory, tmp_path / f"{name}-hf")
-            assert "Dropped local_transformer.rotary_emb.inv_freq" in captured.out
+            assert "Dropped 1 rotary inv_freq buffer(s)" in captured.out
+            assert "local_transformer.rotary_emb.inv_freq" in captured.out
             assert verify_conversion(source, tmp_path / f"{name}-hf") == 0.0
         else:
             with pytest.raises(ValueError, match="local_transformer.rotary_emb.inv_freq .* is not the rotary inv_freq"):

@@ -139,6 +139,12 @@ def test_pre_quantized_save_and_reload(checkpoint, inputs, mode, after_inference
     if after_inference:
         with torch.no_grad():
             before_save = model(**inputs)
+        if mode != "int8" and bnb.functional.has_avx512bf16():  # the case this checks: weights repacked for the CPU
+            assert all(
+                module.weight.quant_state.packing_format_for_cpu
+                for module in model.modules()
+                if isinstance(module, bnb.nn.Linear4bit)
+            )
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         expected = model(**inputs)

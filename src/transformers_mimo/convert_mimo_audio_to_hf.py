@@ -242,7 +242,7 @@ def convert(
                 if key in original_shapes:
                     raise ValueError(f"Tensor {key} appears in several weight files.")
                 original_shapes[key] = tuple(handle.get_slice(key).get_shape())
-    renames, _ = convert_state_dict_keys(original_shapes, expected_shapes)
+    renames, dropped = convert_state_dict_keys(original_shapes, expected_shapes)
 
     state_dict = {}
     for file in files:
@@ -251,26 +251,29 @@ def convert(
                 if key in renames:
                     tensor = handle.get_tensor(key)
                     state_dict[renames[key]] = tensor.to(target_dtype) if target_dtype is not None else tensor
-                else:  # listed as dropped by convert_state_dict_keys
+                else:
                     check_dropped_rotary_buffer(key, handle.get_tensor(key), config)
-                    logger.warning(f"Dropped {key}: the rotary inv_freq buffer, recomputed from the config (checked).")
+    if dropped:
+        logger.warning(
+            f"Dropped {len(dropped)} rotary inv_freq buffer(s), recomputed from the config (values checked): {dropped}"
+        )
     model.load_state_dict(state_dict, strict=True, assign=True)
     stored_dtypes = {tensor.dtype for tensor in state_dict.values()}
     model.config.dtype = target_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else None)
     model.generation_config = default_generation_config(config, tokenizer)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None:  # first: the codec's checks run before any file of the language model is written
+        convert_mimo_audio_tokenizer_checkpoint(
+            tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, force=force, verify=verify
+        )
     # With --force, remove the weights a previous conversion wrote (stale shards included); leave other files alone.
     for stale in [*output_dir.glob("model*.safetensors"), output_dir / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     model.save_pretrained(str(output_dir), max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
-    if tokenizer_dir is not None:
-        convert_mimo_audio_tokenizer_checkpoint(
-            tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, force=force, verify=verify
-        )
-        if tokenizer is not None:
+        if tokenizer_dir is not None:
             # Text tokenizer + codec are both there: write the processor files (processor_config.json, ...).
             MiMoAudioProcessor.from_pretrained(output_dir).save_pretrained(output_dir)
     if verify and (difference := verify_conversion(input_dir, output_dir, dtype)) != 0:
