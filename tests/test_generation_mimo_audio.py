@@ -94,6 +94,16 @@ def generation_kwargs(manifest, dtype_key, prompt, run):
     return kwargs
 
 
+class AddBias(LogitsProcessor):
+    """Adds a fixed `(vocab_size,)` bias to the text scores, to steer the random test models."""
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias
+
+    def __call__(self, input_ids, scores):
+        return scores + self.bias
+
+
 def stacked_audio(per_step, sample=0):
     """Output `audio_logits`/`audio_scores` -> one `(steps, group_size, vocab_c)` tensor per codebook."""
     channels = len(per_step[0])
@@ -495,10 +505,6 @@ def test_temperature_and_top_p_shape_text_and_audio_scores(models, golden):
     bias = torch.zeros(config.text_config.vocab_size)
     bias[config.empty_token_id] = 4.0  # a mix of text and audio steps
 
-    class PreferAudio(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return scores + bias
-
     torch.manual_seed(0)
     out = model.generate(
         input_ids,
@@ -512,7 +518,7 @@ def test_temperature_and_top_p_shape_text_and_audio_scores(models, golden):
         audio_temperature=1.3,
         audio_top_k=None,
         audio_top_p=0.6,
-        logits_processor=LogitsProcessorList([PreferAudio()]),
+        logits_processor=LogitsProcessorList([AddBias(bias)]),
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
@@ -552,10 +558,6 @@ def test_original_sampling_order_bans_after_filtering(models, golden, original_o
     bias = torch.zeros(config.text_config.vocab_size)
     bias[config.empty_token_id], bias[stop] = 4.0, 6.0  # audio steps, and a stop id inside the nucleus
 
-    class Bias(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return scores + bias
-
     torch.manual_seed(0)
     out = model.generate(
         input_ids,
@@ -569,7 +571,7 @@ def test_original_sampling_order_bans_after_filtering(models, golden, original_o
         top_p=0.9,
         audio_top_p=0.7,
         original_sampling_order=original_order,
-        logits_processor=LogitsProcessorList([Bias()]),
+        logits_processor=LogitsProcessorList([AddBias(bias)]),
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
@@ -603,7 +605,7 @@ def test_original_sampling_order_with_only_banned_tokens_left_is_a_clear_error(m
             return scores + bias
 
     kwargs = dict(max_new_tokens=2, min_new_tokens=2, eos_token_id=[7], pad_token_id=0, do_sample=True, top_p=0.5)
-    kwargs["logits_processor"] = LogitsProcessorList([Bias()])
+    kwargs["logits_processor"] = LogitsProcessorList([AddBias(bias)])
     with pytest.raises(ValueError, match="kept only banned tokens for the text channel"):
         model.generate(input_ids, audio_input_ids, original_sampling_order=True, **kwargs)
     assert model.generate(input_ids, audio_input_ids, **kwargs).sequences.shape[1] == input_ids.shape[1] + 2
@@ -657,10 +659,6 @@ def test_sampled_audio_never_emits_empty_ids(models, golden):
     empty_bias = torch.zeros(config.text_config.vocab_size)
     empty_bias[config.empty_token_id] = 30.0
 
-    class PreferAudio(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return scores + empty_bias
-
     out = model.generate(
         input_ids,
         audio_input_ids,
@@ -669,7 +667,7 @@ def test_sampled_audio_never_emits_empty_ids(models, golden):
         eos_token_id=None,
         do_sample=True,
         audio_temperature=5.0,
-        logits_processor=LogitsProcessorList([PreferAudio()]),
+        logits_processor=LogitsProcessorList([AddBias(empty_bias)]),
     )
     new_text = out.sequences[:, input_ids.shape[1] :]
     new_audio = out.audio_sequences[:, input_ids.shape[1] :]
