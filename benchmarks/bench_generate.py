@@ -1,20 +1,23 @@
 """Speed of MiMo-Audio's patch-level `generate()` on random weights (CPU by default).
 
-Two parts, printed as Markdown tables:
+Three parts, printed as Markdown tables, each in float32 and bfloat16 (the released checkpoints' dtype), eager and
+compiled ("compiled, frozen weights": `torch.compile` of the LLM, patch encoder, patch decoder and text head with
+Inductor's `freezing`, which turns the weights into constants prepacked for oneDNN/MKL; see `compile_frozen`):
 
 1. Throughput on a mid-size config: audio patches per second at batch 1, 4 and 8 (every step is forced to choose
-   audio, so every step yields one patch per sample), with the LLM's dynamic cache, with its static cache, and with
-   the patch decoder compiled by `torch.compile`. Prefill is timed separately (one forward over the prompt).
+   audio, so every step yields one patch per sample), with the LLM's dynamic cache, with its static cache, and
+   compiled (static cache). Prefill is timed separately (one forward over the prompt). The last column compares the
+   generated codes with the first eager mode's.
 2. Cost of the patch decoder relative to one LLM step at batch 1, on a config with the released model's layer
    counts and width ratios (36 LLM layers, 16 patch decoder layers, patch decoder 1/4 of the LLM width, 64-wide
-   heads ratio kept) with every width divided by `--scale`.
-3. The same comparison at the released widths (fp32 and bf16): one real-width LLM layer timed against a KV cache of
-   `--context` positions and extrapolated to 36 layers plus the real text head; the real-width patch decoder
-   (16 layers) timed as `generate` runs it (see `part_real_width`). About 3.5 GB of memory.
+   heads ratio kept) with every width divided by `--scale`, fp32.
+3. The same comparison at the released widths: one real-width LLM layer timed against a KV cache of `--context`
+   positions and extrapolated to 36 layers plus the real text head; the real-width patch decoder (16 layers) timed
+   as `generate` runs it (see `part_real_width`). About 3.5 GB of memory (7 GB while compiled in float32).
 
-    python benchmarks/bench_generate.py              # both parts, a few minutes on 2 CPU cores
-    python benchmarks/bench_generate.py --no-compile # skip torch.compile (its first call compiles for ~1 min)
-    python benchmarks/bench_generate.py --part real  # only part 3 (under a minute)
+    python benchmarks/bench_generate.py              # all parts, about 15 minutes on 2 CPU cores
+    python benchmarks/bench_generate.py --no-compile # eager only (each compiled model compiles for ~1 min)
+    python benchmarks/bench_generate.py --part real  # only part 3
 """
 
 import argparse
@@ -22,6 +25,7 @@ import platform
 import time
 
 import torch
+import torch._inductor.config
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from transformers_mimo.configuration_mimo_audio import MiMoAudioConfig
@@ -69,6 +73,24 @@ def build_model(text: dict, encoder: dict, decoder: dict, vocab_size: int) -> Mi
     return MiMoAudioForConditionalGeneration(config).eval()
 
 
+def greedy_generation_config(model):
+    """Greedy text and audio config with every MiMo-Audio default filled in, as `generate` prepares it."""
+    generation_config, _ = model._prepare_generation_config(GenerationConfig(do_sample=False))
+    return generation_config
+
+
+def compile_frozen(*modules: torch.nn.Module):
+    """
+    `torch.compile`s each module's `forward` with Inductor's weight freezing, PyTorch's setting for CPU inference: the
+    weights become constants of the compiled code, prepacked for oneDNN/MKL matrix products. Inference only (later
+    changes to the weights are not seen). Compiling `forward` rather than the module keeps forward hooks outside the
+    compiled code.
+    """
+    torch._inductor.config.freezing = True
+    for module in modules:
+        module.forward = torch.compile(module.forward)
+
+
 def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating text positions and audio positions (random codes)."""
     config = model.config
@@ -100,7 +122,7 @@ def best_time(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def throughput(model, batch_size: int, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs):
-    """Returns (prefill seconds, decode seconds per step, patches per second)."""
+    """Returns (prefill seconds, decode seconds per step, patches per second, generated audio codes)."""
     input_ids, audio = random_prompt(model, batch_size, prompt_length)
     choose_audio = LogitsProcessorList([ChooseAudio(model.config.empty_token_id)])
 
@@ -109,54 +131,71 @@ def throughput(model, batch_size: int, prompt_length: int, new_tokens: int, repe
             input_ids, audio, max_new_tokens=steps, eos_token_id=None, logits_processor=choose_audio, **generate_kwargs
         )
         assert out.sequences.shape[1] == prompt_length + steps
+        return out.audio_sequences[:, prompt_length:]
 
     generate(2)  # warm-up (and compilation)
     prefill = best_time(lambda: model(input_ids, audio, use_cache=True, logits_to_keep=1), repeats)
     short = best_time(lambda: generate(1), repeats)
     long = best_time(lambda: generate(new_tokens + 1), repeats)
     per_step = (long - short) / new_tokens
-    return prefill, per_step, batch_size / per_step
+    return prefill, per_step, batch_size / per_step, generate(new_tokens + 1)
+
+
+MID_SIZE_TEXT_CONFIG = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+}
 
 
 def part_throughput(args):
-    model = build_model(
-        text={
-            "hidden_size": 512,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "head_dim": 64,
-        },
-        encoder=patch_config(256, 1024, 2, 8),
-        decoder=patch_config(256, 1024, 4, 8),
-        vocab_size=8192,
-    )
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    def build(dtype):
+        model = build_model(
+            text=MID_SIZE_TEXT_CONFIG,
+            encoder=patch_config(256, 1024, 2, 8),
+            decoder=patch_config(256, 1024, 4, 8),
+            vocab_size=8192,
+        )
+        return model.to(dtype)
+
+    parameters = sum(p.numel() for p in build(torch.float32).parameters()) / 1e6
     print(
         f"\n### Throughput, mid-size config ({parameters:.0f}M parameters: LLM 512 wide x 8 layers, patch decoder "
         f"256 wide x 4 layers), prompt {args.prompt_length} positions, {args.new_tokens} new positions, "
-        f"fp32, {torch.get_num_threads()} threads\n"
+        f"{torch.get_num_threads()} threads\n"
     )
-    modes = [("eager, dynamic LLM cache", {}), ("eager, static LLM cache", {"cache_implementation": "static"})]
+    modes = [
+        ("eager, dynamic LLM cache", False, {}),
+        ("eager, static LLM cache", False, {"cache_implementation": "static"}),
+    ]
     if args.compile:
-        modes.append(("compiled patch decoder, dynamic LLM cache", {"compile": True}))
-    print("| mode | batch | prefill (ms) | decode step (ms) | patches/s | vs batch 1 |")
-    print("|---|---|---|---|---|---|")
-    for label, kwargs in modes:
-        if kwargs.pop("compile", False):
-            model.patch_decoder.compile()
-        baseline = None
-        for batch_size in args.batch_sizes:
-            prefill, per_step, rate = throughput(
-                model, batch_size, args.prompt_length, args.new_tokens, args.repeats, **kwargs
-            )
-            baseline = baseline or rate
-            print(
-                f"| {label} | {batch_size} | {prefill * 1e3:.1f} | {per_step * 1e3:.1f} | {rate:.1f} | "
-                f"{rate / baseline:.2f}x |",
-                flush=True,
-            )
+        modes.append(("compiled, frozen weights, static LLM cache", True, {"cache_implementation": "static"}))
+    print("| dtype | mode | batch | prefill (ms) | decode step (ms) | patches/s | vs batch 1 | codes as eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        reference = {}
+        for label, compiled, kwargs in modes:
+            model = build(getattr(torch, dtype))
+            if compiled:
+                compile_frozen(
+                    model.model.language_model, model.model.patch_encoder, model.patch_decoder, model.lm_head
+                )
+            baseline = None
+            for batch_size in args.batch_sizes:
+                prefill, per_step, rate, codes = throughput(
+                    model, batch_size, args.prompt_length, args.new_tokens, args.repeats, **kwargs
+                )
+                baseline = baseline or rate
+                same = (codes == reference.setdefault(batch_size, codes)).float().mean().item()
+                print(
+                    f"| {dtype} | {label} | {batch_size} | {prefill * 1e3:.1f} | {per_step * 1e3:.1f} | {rate:.1f} | "
+                    f"{rate / baseline:.2f}x | {same:.0%} |",
+                    flush=True,
+                )
+            torch._dynamo.reset()
 
 
 @torch.no_grad()
@@ -195,8 +234,7 @@ def part_patch_decoder_cost(args):
         )
         cache.crop(-1)
 
-    generation_config = GenerationConfig(do_sample=False)
-    generation_config.audio_do_sample = False
+    generation_config = greedy_generation_config(model)
     warpers = model._audio_warpers(generation_config)
     patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
     hidden = prefill.last_hidden_state[:, -1]
@@ -204,19 +242,18 @@ def part_patch_decoder_cost(args):
     def patch():
         model._generate_audio_patch(hidden, patch_decoding, generation_config, warpers, keep_scores=False)
 
-    rows = []
-    llm_step()
-    llm = best_time(llm_step, args.repeats)
-    patch()
-    rows.append(("eager", best_time(patch, args.repeats)))
-    if args.compile:
-        model.patch_decoder.compile(dynamic=False)
-        patch()
-        rows.append(("compiled patch decoder", best_time(patch, args.repeats)))
-    print("| patch decoder | LLM step (ms) | patch decoder per patch (ms) | patch decoder / LLM step |")
+    print("| mode | LLM step (ms) | patch decoder per patch (ms) | patch decoder / LLM step |")
     print("|---|---|---|---|")
-    for label, seconds in rows:
-        print(f"| {label} | {llm * 1e3:.1f} | {seconds * 1e3:.1f} | {seconds / llm:.0%} |")
+    modes = ["eager"] + (["compiled, frozen weights"] if args.compile else [])
+    for mode in modes:
+        if mode != "eager":
+            compile_frozen(model.model.language_model, model.model.patch_encoder, model.patch_decoder, model.lm_head)
+        llm_step()
+        llm = best_time(llm_step, args.repeats)
+        patch()
+        seconds = best_time(patch, args.repeats)
+        print(f"| {mode} | {llm * 1e3:.1f} | {seconds * 1e3:.1f} | {seconds / llm:.0%} |", flush=True)
+    torch._dynamo.reset()
     patch_reads, llm_reads = weight_reads(model)
     print(
         f"\nWeights read at batch 1 (the bound when both are memory-bound, the same at every `--scale`): "
@@ -265,34 +302,46 @@ def part_real_width(args):
     `1/4 x 151680`-row head timed on its own, x 4. The patch decoder is timed as it runs in `generate`
     (`_generate_audio_patch`: 11 steps x 16 layers, heads, embeddings), nothing extrapolated.
     """
-    model = build_model(
-        text={**REAL_TEXT_CONFIG, "num_hidden_layers": 1},
-        encoder=patch_config(1024, 4096, 6, 64),
-        decoder=patch_config(1024, 4096, 16, 64),
-        vocab_size=1024,
-    )
-    text_config = model.config.text_config
-    head_rows = REAL_VOCAB // 4
-    head_real = torch.nn.Linear(text_config.hidden_size, head_rows, bias=False)
+
+    def build(dtype):
+        model = build_model(
+            text={**REAL_TEXT_CONFIG, "num_hidden_layers": 1},
+            encoder=patch_config(1024, 4096, 6, 64),
+            decoder=patch_config(1024, 4096, 16, 64),
+            vocab_size=1024,
+        )
+        head_real = torch.nn.Linear(model.config.text_config.hidden_size, REAL_VOCAB // 4, bias=False)
+        return model.to(dtype), head_real.to(dtype)
+
     print(
         f"\n### Patch decoder vs LLM step at the released widths, batch 1, KV cache of {args.context} positions, "
         f"{torch.get_num_threads()} threads\n"
     )
     print(
-        "| dtype | LLM layer (ms) | text head (ms) | LLM step, 36 layers (ms, extrapolated) | patch decoder per patch "
-        "(ms, measured) | patch decoder / LLM step |"
+        "| dtype | mode | LLM layer (ms) | text head (ms) | LLM step, 36 layers (ms, extrapolated) | patch decoder "
+        "per patch (ms, measured) | patch decoder / LLM step |"
     )
-    print("|---|---|---|---|---|---|")
-    for dtype in args.real_dtypes:
-        dtype = getattr(torch, dtype)
-        model.to(dtype)
-        head_real.to(dtype)
-        layer, head, llm, patch, layers = real_width_times(model, head_real, args.context, args.repeats)
-        print(
-            f"| {str(dtype).removeprefix('torch.')} | {layer * 1e3:.1f} | {head * 1e3:.1f} | {llm * 1e3:.0f} | "
-            f"{patch * 1e3:.0f} ({layers / patch:.0%} in its layers) | {patch / llm:.0%} |",
-            flush=True,
-        )
+    print("|---|---|---|---|---|---|---|")
+    modes = ["eager"] + (["compiled, frozen weights"] if args.compile else [])
+    for dtype in args.dtypes:
+        for mode in modes:
+            model, head_real = build(getattr(torch, dtype))
+            if mode != "eager":
+                compile_frozen(
+                    model.model.language_model.layers[0],
+                    model.model.patch_encoder,
+                    model.patch_decoder,
+                    model.lm_head,
+                    head_real,
+                )
+            layer, head, llm, patch, layers = real_width_times(model, head_real, args.context, args.repeats)
+            print(
+                f"| {dtype} | {mode} | {layer * 1e3:.1f} | {head * 1e3:.1f} | {llm * 1e3:.0f} | "
+                f"{patch * 1e3:.0f} ({layers / patch:.0%} in its layers) | {patch / llm:.0%} |",
+                flush=True,
+            )
+            torch._dynamo.reset()
+    text_config = model.config.text_config
     patch_reads, llm_reads = weight_reads(model)
     layer_params = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
     llm_reads += (REAL_LAYERS - 1) * layer_params + (REAL_VOCAB - text_config.vocab_size) * text_config.hidden_size
@@ -331,8 +380,7 @@ def real_width_times(model, head_real, context: int, repeats: int) -> tuple[floa
     head = best_time(lambda: head_real(head_input), repeats) * REAL_VOCAB / head_real.out_features
     llm = min(steps[1:]) - min(heads[1:]) + (REAL_LAYERS - 1) * layer + head
 
-    generation_config = GenerationConfig(do_sample=False)
-    generation_config.audio_do_sample = False
+    generation_config = greedy_generation_config(model)
     warpers = model._audio_warpers(generation_config)
     patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
     hidden = out.last_hidden_state[:, -1]
@@ -382,7 +430,7 @@ def main():
     parser.add_argument("--scale", type=int, default=4, help="width divisor of the released proportions (part 2)")
     parser.add_argument("--context", type=int, default=1024, help="LLM KV cache length in the real-width part")
     parser.add_argument(
-        "--real-dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the real-width part"
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the throughput and real-width parts"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(

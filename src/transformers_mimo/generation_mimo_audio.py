@@ -15,8 +15,8 @@ before `min_new_tokens`, each codebook's empty id) are removed before temperatur
 orders its processors; the original removed them afterwards, so its top-k could keep fewer than k candidates.
 `original_sampling_order=True` (a generation config key) bans them afterwards, as the original does.
 
-The patch decoder reuses one `StaticCache` for every patch of a `generate` call; `model.patch_decoder.compile()`
-compiles its step (see `benchmarks/bench_generate.py`).
+The patch decoder reuses one `StaticCache` for every patch of a `generate` call. `docs/performance.md` ("Fast CPU
+inference") compiles it and the LLM with frozen weights (`benchmarks/bench_generate.py` times both ways).
 """
 
 from dataclasses import dataclass
