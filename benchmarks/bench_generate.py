@@ -352,52 +352,59 @@ def part_real_width(args):
 
 
 def real_width_times(model, head_real, context: int, repeats: int) -> tuple[float, ...]:
-    """Seconds of one LLM layer, the real text head, the extrapolated LLM step, one patch and the part of that patch
-    spent in the patch decoder's forward (its layers), at batch 1; each the fastest of `repeats` runs."""
+    """
+    Seconds of one LLM layer, the real text head, the extrapolated LLM step, one patch and the part of that patch
+    spent in the patch decoder's forward (its layers), at batch 1; each the fastest of `repeats` runs. Each run times
+    an LLM step, the real head and a patch one after the other, so that a slow phase of a shared machine (other jobs
+    using the memory bandwidth) reaches all three alike.
+    """
     text_config = model.config.text_config
     dtype = model.dtype
-    layer_timer = CpuTimer(model.model.language_model.layers[0])
-    head_timer = CpuTimer(model.lm_head)
     input_ids, audio = random_prompt(model, 1, 2)  # position 1 is an audio position
     input_ids, audio = input_ids[:, 1:], audio[:, 1:]
     shape = (1, text_config.num_key_value_heads, context, text_config.head_dim)
     cache = DynamicCache(config=text_config)
     cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), 0)
     position_ids = torch.tensor([[context]])
-    steps, layers, heads = [], [], []
-    for _ in range(repeats + 1):  # the first run is a warm-up
-        layer_timer.seconds = head_timer.seconds = 0.0
-        start = clock()
-        out = model(input_ids, audio, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        steps.append(clock() - start)
-        cache.crop(-1)
-        layers.append(layer_timer.seconds)
-        heads.append(head_timer.seconds)
-    layer_timer.remove()
-    head_timer.remove()
-    layer = min(layers[1:])
     head_input = torch.randn(1, 1, text_config.hidden_size, dtype=dtype)
-    head = best_time(lambda: head_real(head_input), repeats) * REAL_VOCAB / head_real.out_features
-    llm = min(steps[1:]) - min(heads[1:]) + (REAL_LAYERS - 1) * layer + head
-
     generation_config = greedy_generation_config(model)
     warpers = model._audio_warpers(generation_config)
     patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
-    hidden = out.last_hidden_state[:, -1]
+
+    def llm_step():
+        output = model(input_ids, audio, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        cache.crop(-1)
+        return output.last_hidden_state[:, -1]
+
+    hidden = llm_step()
 
     def patch():
         model._generate_audio_patch(hidden, patch_decoding, generation_config, warpers, keep_scores=False)
 
-    patch()
-    decoder_timer = CpuTimer(model.patch_decoder)
-    runs = []
+    head_real(head_input)
+    patch()  # warm-ups
+    timers = {
+        "layer": CpuTimer(model.model.language_model.layers[0]),
+        "head": CpuTimer(model.lm_head),
+        "decoder": CpuTimer(model.patch_decoder),
+    }
+    runs = {key: [] for key in ("step", "layer", "head", "head_real", "patch", "decoder")}
     for _ in range(repeats):
-        decoder_timer.seconds = 0.0
-        start = clock()
-        patch()
-        runs.append((clock() - start, decoder_timer.seconds))
-    decoder_timer.remove()
-    return layer, head, llm, *min(runs)
+        for timer in timers.values():
+            timer.seconds = 0.0
+        for key, fn in (("step", llm_step), ("head_real", lambda: head_real(head_input)), ("patch", patch)):
+            start = clock()
+            fn()
+            runs[key].append(clock() - start)
+        for key, timer in timers.items():
+            runs[key].append(timer.seconds)
+    for timer in timers.values():
+        timer.remove()
+    layer = min(runs["layer"])
+    head = min(runs["head_real"]) * REAL_VOCAB / head_real.out_features
+    llm = min(runs["step"]) - min(runs["head"]) + (REAL_LAYERS - 1) * layer + head
+    patch_seconds, decoder_seconds = min(zip(runs["patch"], runs["decoder"]))
+    return layer, head, llm, patch_seconds, decoder_seconds
 
 
 def weight_reads(model) -> tuple[int, int]:
