@@ -595,6 +595,33 @@ def test_checkpoint_with_missing_or_extra_tensors_is_refused(tmp_path, edit, mes
         MiMoAudioTokenizerModel.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_original_checkpoint_with_a_wrong_window_is_refused(tmp_path, sharded):
+    """The ISTFT window is not loaded (the model rebuilds a Hann window), so a stored one must be that window."""
+    state_dict = load_file(GOLDEN / "tok_a" / "checkpoint" / "model.safetensors")
+    shutil.copy(GOLDEN / "tok_a" / "checkpoint" / "config.json", tmp_path)
+    key = "decoder.vocoder.head.istft.window"
+
+    def write(state_dict):
+        if not sharded:
+            save_file(state_dict, tmp_path / "model.safetensors", metadata={"format": "pt"})
+            return
+        shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+        for name, tensor in state_dict.items():
+            shards[sorted(shards)[name.startswith("decoder.")]][name] = tensor
+        for filename, shard in shards.items():
+            save_file(shard, tmp_path / filename, metadata={"format": "pt"})
+        weight_map = {name: filename for filename, shard in shards.items() for name in shard}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    write({**state_dict, key: state_dict[key].to(torch.bfloat16)})  # a bf16 Hann window is accepted
+    tokenizer = MiMoAudioTokenizerModel.from_pretrained(tmp_path)
+    assert torch.equal(tokenizer.decoder.vocoder.head.out.bias, state_dict["decoder.vocoder.head.out.bias"])
+    write({**state_dict, key: torch.ones_like(state_dict[key])})
+    with pytest.raises(ValueError, match="istft.window` is not a periodic Hann window of length 960"):
+        MiMoAudioTokenizerModel.from_pretrained(tmp_path)
+
+
 def test_convert_original_state_dict_accounts_for_every_tensor():
     config = MiMoAudioTokenizerConfig.from_pretrained(GOLDEN / "tok_a" / "checkpoint")
     original = load_file(GOLDEN / "tok_a" / "checkpoint" / "model.safetensors")

@@ -5,17 +5,19 @@ item of a batch gives the same result as that item alone. Attention runs through
 window (`*_attn_window_size`) is computed block by block, so its memory grows linearly with the length.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import PreTrainedAudioTokenizerBase
-from transformers.utils import ModelOutput
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
 
@@ -25,12 +27,39 @@ ORIGINAL_KEY_RENAMES = (
     (r"^encoder\.quantizer\.vq\.layers\.(\d+)\._codebook\.embed$", r"quantizer.layers.\1.embed"),
     (r"^encoder\.down_sample_layer\.0\.weight$", r"encoder.down_sample_layer.weight"),
 )
+ORIGINAL_WINDOW_KEY = "decoder.vocoder.head.istft.window"
 # Original tensors we do not load: the codebooks' EMA training state (`cluster_size`, `embed_avg`, `inited`) is unused
 # at inference, and the ISTFT window is a periodic Hann window that we rebuild in float32.
 ORIGINAL_IGNORED_KEYS = (
     r"^encoder\.quantizer\.vq\.layers\.\d+\._codebook\.(cluster_size|embed_avg|inited)$",
-    r"^decoder\.vocoder\.head\.istft\.window$",
+    rf"^{re.escape(ORIGINAL_WINDOW_KEY)}$",
 )
+
+
+def _check_hann_window(window: torch.Tensor, nfft: int):
+    """Raises `ValueError` unless `window` is the periodic Hann window of length `nfft` that the model rebuilds."""
+    hann = torch.hann_window(nfft, dtype=torch.float32)
+    # atol covers bf16 checkpoints, which store the window rounded to bf16.
+    if window.shape != hann.shape or not torch.allclose(window.float().cpu(), hann, atol=4e-3):
+        raise ValueError(f"`{ORIGINAL_WINDOW_KEY}` is not a periodic Hann window of length {nfft}.")
+
+
+def _stored_original_window(pretrained_model_name_or_path, hub_kwargs: dict) -> torch.Tensor | None:
+    """The ISTFT window stored in an original safetensors checkpoint, `None` where there is none."""
+    hub_kwargs = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
+    index = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_INDEX_NAME, **hub_kwargs)
+    if index is None:
+        filename = SAFE_WEIGHTS_NAME
+    else:
+        with open(index) as file:
+            filename = json.load(file)["weight_map"].get(ORIGINAL_WINDOW_KEY)
+        if filename is None:
+            return None
+    path = cached_file(pretrained_model_name_or_path, filename, **hub_kwargs)
+    if path is None:
+        return None
+    with safe_open(path, framework="pt") as checkpoint:
+        return checkpoint.get_tensor(ORIGINAL_WINDOW_KEY) if ORIGINAL_WINDOW_KEY in checkpoint.keys() else None
 
 
 def _rename_original_key(key: str) -> str:
@@ -52,11 +81,8 @@ def convert_original_state_dict(
     ignored_keys, converted = [], {}
     for key, tensor in state_dict.items():
         if any(re.match(pattern, key) for pattern in ORIGINAL_IGNORED_KEYS):
-            if key.endswith("istft.window"):
-                hann = torch.hann_window(config.nfft, dtype=torch.float32)
-                # atol covers bf16 checkpoints, which store the window rounded to bf16.
-                if tensor.shape != hann.shape or not torch.allclose(tensor.float().cpu(), hann, atol=4e-3):
-                    raise ValueError(f"`{key}` is not a periodic Hann window of length {config.nfft}.")
+            if key == ORIGINAL_WINDOW_KEY:
+                _check_hann_window(tensor, config.nfft)
             ignored_keys.append(key)
             continue
         new_key = _rename_original_key(key)
@@ -628,6 +654,10 @@ class MiMoAudioTokenizerDecoder(MiMoAudioTokenizerTransformer):
         return self.vocoder(mels, lengths)
 
 
+# `from_pretrained` arguments that locate the checkpoint's files.
+_HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
 class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     config: MiMoAudioTokenizerConfig
     config_class = MiMoAudioTokenizerConfig
@@ -648,8 +678,10 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads a directory saved by this class or an ORIGINAL MiMo-Audio-Tokenizer directory (keys are renamed on
-        load, see `ORIGINAL_KEY_RENAMES`). Raises `ValueError` on missing, unexpected or mis-shaped tensors."""
+        load, see `ORIGINAL_KEY_RENAMES`). Raises `ValueError` on missing, unexpected or mis-shaped tensors, and when
+        an original checkpoint's ISTFT window (not loaded: the model rebuilds it) is not a periodic Hann window."""
         output_loading_info = kwargs.pop("output_loading_info", False)
+        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
         key_mapping = dict(ORIGINAL_KEY_RENAMES)
         key_mapping.update(kwargs.pop("key_mapping", None) or {})
         model, loading_info = super().from_pretrained(
@@ -661,6 +693,9 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
         }
         if any(problems.values()):
             raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match the model: {problems}")
+        window = _stored_original_window(pretrained_model_name_or_path, hub_kwargs)
+        if window is not None:
+            _check_hann_window(window, model.config.nfft)
         # The renaming only translates original checkpoints; `save_pretrained` must write our own layout.
         model._weight_conversions = []
         return (model, loading_info) if output_loading_info else model
