@@ -121,24 +121,47 @@ def best_time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def throughput(model, batch_size: int, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs):
-    """Returns (prefill seconds, decode seconds per step, patches per second, generated audio codes)."""
-    input_ids, audio = random_prompt(model, batch_size, prompt_length)
-    choose_audio = LogitsProcessorList([ChooseAudio(model.config.empty_token_id)])
+def throughput(model, batch_sizes, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs) -> dict:
+    """
+    For each batch size: (prefill seconds, decode seconds per step, patches per second, generated audio codes).
 
-    def generate(steps):
+    A decode step is `(time of new_tokens + 1 steps - time of 1 step) / new_tokens`. Each of the `repeats` runs times
+    every batch size one after the other (prefill, 1 step, `new_tokens + 1` steps), and each time is the fastest over
+    the runs, so that a slow phase of a shared machine (other jobs using the memory bandwidth) reaches all alike.
+    """
+    choose_audio = LogitsProcessorList([ChooseAudio(model.config.empty_token_id)])
+    prompts = {batch_size: random_prompt(model, batch_size, prompt_length) for batch_size in batch_sizes}
+
+    def generate(batch_size, steps):
+        input_ids, audio = prompts[batch_size]
         out = model.generate(
             input_ids, audio, max_new_tokens=steps, eos_token_id=None, logits_processor=choose_audio, **generate_kwargs
         )
         assert out.sequences.shape[1] == prompt_length + steps
         return out.audio_sequences[:, prompt_length:]
 
-    generate(2)  # warm-up (and compilation)
-    prefill = best_time(lambda: model(input_ids, audio, use_cache=True, logits_to_keep=1), repeats)
-    short = best_time(lambda: generate(1), repeats)
-    long = best_time(lambda: generate(new_tokens + 1), repeats)
-    per_step = (long - short) / new_tokens
-    return prefill, per_step, batch_size / per_step, generate(new_tokens + 1)
+    def prefill(batch_size):
+        model(*prompts[batch_size], use_cache=True, logits_to_keep=1)
+
+    for batch_size in batch_sizes:
+        generate(batch_size, 2)  # warm-up (and compilation)
+    runs = {(batch_size, kind): [] for batch_size in batch_sizes for kind in ("prefill", "short", "long")}
+    for _ in range(repeats):
+        for batch_size in batch_sizes:
+            for kind, fn in (
+                ("prefill", lambda: prefill(batch_size)),
+                ("short", lambda: generate(batch_size, 1)),
+                ("long", lambda: generate(batch_size, new_tokens + 1)),
+            ):
+                start = clock()
+                fn()
+                runs[batch_size, kind].append(clock() - start)
+    results = {}
+    for batch_size in batch_sizes:
+        per_step = (min(runs[batch_size, "long"]) - min(runs[batch_size, "short"])) / new_tokens
+        codes = generate(batch_size, new_tokens + 1)
+        results[batch_size] = (min(runs[batch_size, "prefill"]), per_step, batch_size / per_step, codes)
+    return results
 
 
 MID_SIZE_TEXT_CONFIG = {
@@ -183,11 +206,9 @@ def part_throughput(args):
                 compile_frozen(
                     model.model.language_model, model.model.patch_encoder, model.patch_decoder, model.lm_head
                 )
+            results = throughput(model, args.batch_sizes, args.prompt_length, args.new_tokens, args.repeats, **kwargs)
             baseline = None
-            for batch_size in args.batch_sizes:
-                prefill, per_step, rate, codes = throughput(
-                    model, batch_size, args.prompt_length, args.new_tokens, args.repeats, **kwargs
-                )
+            for batch_size, (prefill, per_step, rate, codes) in results.items():
                 baseline = baseline or rate
                 same = (codes == reference.setdefault(batch_size, codes)).float().mean().item()
                 print(

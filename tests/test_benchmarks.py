@@ -36,13 +36,15 @@ def _tiny_model(bench_generate):
 
 def test_throughput_forces_an_audio_patch_at_every_step(bench_generate):
     model = _tiny_model(bench_generate)
-    prefill, per_step, rate, codes = bench_generate.throughput(model, 2, 6, 2, 1, cache_implementation="static")
-    assert prefill > 0 and per_step > 0 and rate == pytest.approx(2 / per_step)
-    # 3 generated positions (2 timed + 1), each a real patch: no codebook holds its empty id.
+    results = bench_generate.throughput(model, [1, 2], 6, 2, 2, cache_implementation="static")
+    assert list(results) == [1, 2]
     config = model.config
-    assert codes.shape == (2, 3, config.group_size, config.audio_channels)
     empty_ids = torch.tensor(config.audio_empty_ids)
-    assert ((codes >= 0) & (codes < empty_ids)).all()
+    for batch_size, (prefill, per_step, rate, codes) in results.items():
+        assert prefill > 0 and per_step > 0 and rate == pytest.approx(batch_size / per_step)
+        # 3 generated positions (2 timed + 1), each a real patch: no codebook holds its empty id.
+        assert codes.shape == (batch_size, 3, config.group_size, config.audio_channels)
+        assert ((codes >= 0) & (codes < empty_ids)).all()
 
 
 def test_real_width_times_on_a_tiny_model(bench_generate):
