@@ -88,7 +88,7 @@ def compile_frozen(*modules: torch.nn.Module):
     """
     torch._inductor.config.freezing = True
     # One process compiles every batch size, each for the prefill of `generate`, its decode steps and the prefill timed
-    # on its own: more variants than Dynamo's default limit of 8, past which it would silently run eager.
+    # on its own: more variants than Dynamo's default limit of 8, past which it only warns and runs eagerly.
     torch._dynamo.config.recompile_limit = 64
     for module in modules:
         module.forward = torch.compile(module.forward)
