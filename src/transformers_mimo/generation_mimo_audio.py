@@ -15,8 +15,14 @@ before `min_new_tokens`, each codebook's empty id) are removed before temperatur
 orders its processors; the original removed them afterwards, so its top-k could keep fewer than k candidates.
 `original_sampling_order=True` (a generation config key) bans them afterwards, as the original does.
 
-The patch decoder reuses one `StaticCache` for every patch of a `generate` call. `docs/performance.md` ("Fast CPU
-inference") compiles it and the LLM with frozen weights (`benchmarks/bench_generate.py` times both ways).
+Every per-step piece has static shapes and runs without host synchronisation: the patch decoder reuses one
+`StaticCache` for every patch of a `generate` call, with its attention mask rows and rotary tables prepared once per
+call, and produces a whole patch (all its decoder steps, sampling and empty-id bans included) in one function,
+`_generate_audio_patch`. With a static LLM cache (`cache_implementation="static"`) the LLM decode step is static too
+(`_decode_step`). `generate(..., compile=True)` compiles both with `torch.compile` (`generation_config.compile_config`;
+on CUDA its default mode captures them in CUDA graphs); see docs/performance.md. Between the two, the loop syncs
+once per step to skip the patch decoder when no sample chose audio, and once for the stopping criteria (as
+Transformers' own loop).
 """
 
 from dataclasses import dataclass
@@ -26,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import StaticCache
-from transformers.generation import GenerateDecoderOnlyOutput, GenerationConfig, GenerationMixin, GenerationMode
+from transformers.generation import (
+    CompileConfig,
+    GenerateDecoderOnlyOutput,
+    GenerationConfig,
+    GenerationMixin,
+    GenerationMode,
+)
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -37,16 +49,20 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import ModelOutput
 
 
 # Generation config keys of MiMo-Audio and their defaults: the audio channel's sampling (`audio_do_sample=None` follows
-# the text's `do_sample`) and `original_sampling_order` (ban ids after temperature / top-k / top-p, as the original).
+# the text's `do_sample`), `original_sampling_order` (ban ids after temperature / top-k / top-p, as the original) and
+# `compile` (the compiled fast path; `None`: Transformers' rule, compile with a static cache on an accelerator).
 MIMO_AUDIO_GENERATION_DEFAULTS = {
     "audio_do_sample": None,
     "audio_temperature": 1.0,
     "audio_top_k": None,
     "audio_top_p": 1.0,
     "original_sampling_order": False,
+    "compile": None,
 }
 
 
@@ -84,17 +100,27 @@ class MiMoAudioGenerateOutput(GenerateDecoderOnlyOutput):
 @dataclass
 class _PatchDecoding:
     """
-    What the patch decoder reuses across the patches of one `generate` call.
+    What the patch decoder reuses across the patches of one `generate` call, prepared once by
+    `_prepare_patch_decoding`.
 
     Args:
-        cache (`StaticCache`): `patch_decoder_steps` positions, reset before every patch.
+        cache (`StaticCache`): `batch_size` x `patch_decoder_steps` positions, allocated up front, reset before every
+            patch.
         active (`torch.BoolTensor` of shape `(patch_decoder_steps, audio_channels)`): codebooks produced at each step.
         channels (`tuple[tuple[int, ...], ...]`): the same, as codebook indices per step.
+        position_ids (`tuple[torch.LongTensor, ...]`): per step, its position `(1, 1)`.
+        attention_masks (`tuple`): per step, its row of the causal mask over the cache, in the attention
+            implementation's format (`None` where the implementation needs none).
+        position_embeddings (`tuple[tuple[torch.Tensor, torch.Tensor], ...]`): per step, the rotary `(cos, sin)`,
+            each `(1, 1, head_dim)`.
     """
 
     cache: StaticCache
     active: torch.BoolTensor
     channels: tuple[tuple[int, ...], ...]
+    position_ids: tuple[torch.LongTensor, ...]
+    attention_masks: tuple[torch.Tensor | None, ...]
+    position_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class MiMoAudioStreamer(BaseStreamer):
@@ -161,21 +187,30 @@ def _check_audio_generation_config(generation_config: GenerationConfig):
     for key in ("audio_do_sample", "original_sampling_order"):
         if not isinstance(getattr(generation_config, key), bool):
             raise ValueError(f"`{key}` must be a bool, got {getattr(generation_config, key)!r}.")
+    if generation_config.compile is not None and not isinstance(generation_config.compile, bool):
+        raise ValueError(f"`compile` must be None or a bool, got {generation_config.compile!r}.")
 
 
-def _sampling_scores(scores: torch.Tensor, used_rows: torch.Tensor, channel: str) -> torch.Tensor:
+def _sampling_scores(scores: torch.Tensor, used_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     With `original_sampling_order`, temperature / top-k / top-p may keep only banned tokens. That is an error for a
     row whose token is used (the original fails there too); a row whose token is discarded (a sample that chose text,
     or has finished) samples from zeros instead. `scores` `(batch_size, vocab)`, `used_rows` `(batch_size,)` bool.
+
+    Returns the scores to sample from and a bool tensor `()`, True when a used row has no allowed token (checked by
+    the caller through `_raise_if_sampling_failed`, so that no host synchronisation happens here).
     """
     allowed = torch.isfinite(scores).any(dim=-1)
-    if not allowed[used_rows.to(allowed.device)].all():
+    failed = (used_rows.to(allowed.device) & ~allowed).any()
+    return torch.where(allowed[:, None], scores, torch.zeros_like(scores)), failed
+
+
+def _raise_if_sampling_failed(failed: torch.Tensor | bool, channel: str):
+    if failed:
         raise ValueError(
             f"With `original_sampling_order=True`, temperature / top-k / top-p kept only banned tokens for {channel} "
             "(the original fails at this step too): raise top_k / top_p, or use the default order."
         )
-    return torch.where(allowed[:, None], scores, torch.zeros_like(scores))
 
 
 class MiMoAudioGenerationMixin(GenerationMixin):
@@ -306,74 +341,116 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             warpers.append(TopPLogitsWarper(generation_config.audio_top_p))
         return warpers
 
-    def _prepare_patch_decoding(self, device: torch.device) -> _PatchDecoding:
-        """The patch decoder's cache and step schedule, built once per `generate` call and reused for every patch."""
+    def _prepare_patch_decoding(self, batch_size: int, device: torch.device) -> _PatchDecoding:
+        """The patch decoder's cache, step schedule, masks and rotary tables, built once per `generate` call and
+        reused for every patch (see [`_PatchDecoding`])."""
         config = self.config
-        cache = StaticCache(config=config.patch_decoder_config, max_cache_len=config.patch_decoder_steps)
+        decoder_config = config.patch_decoder_config
+        steps = config.patch_decoder_steps
+        dtype = self.patch_decoder.input_proj.weight.dtype
+        cache = StaticCache(config=decoder_config, max_cache_len=steps)
+        head_dim = getattr(decoder_config, "head_dim", None) or decoder_config.hidden_size // (
+            decoder_config.num_attention_heads
+        )
+        cache.early_initialization(batch_size, decoder_config.num_key_value_heads, head_dim, dtype, device)
         _, active = self.delay_audio_codes(
             torch.zeros(1, config.group_size, config.audio_channels, dtype=torch.long, device=device)
         )
         channels = tuple(tuple(row.nonzero().flatten().tolist()) for row in active.cpu())
-        return _PatchDecoding(cache=cache, active=active, channels=channels)
+        # The causal mask of all steps at once; step t attends to the cache's positions 0..t.
+        position_ids = torch.arange(steps, device=device)[None]
+        inputs_embeds = torch.zeros(batch_size, steps, decoder_config.hidden_size, dtype=dtype, device=device)
+        mask = create_causal_mask(
+            config=decoder_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=None,
+            cache=None,
+            position_ids=position_ids,
+            allow_is_causal_skip=False,
+        )
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise ValueError(
+                f"The patch decoder's attention implementation {decoder_config._attn_implementation!r} is not "
+                "supported for generation: use 'sdpa' or 'eager'."
+            )
+        cos, sin = self.patch_decoder.rotary_emb(inputs_embeds, position_ids)
+        return _PatchDecoding(
+            cache=cache,
+            active=active,
+            channels=channels,
+            position_ids=tuple(position_ids[:, step : step + 1] for step in range(steps)),
+            attention_masks=tuple(None if mask is None else mask[:, :, step : step + 1] for step in range(steps)),
+            position_embeddings=tuple((cos[:, step : step + 1], sin[:, step : step + 1]) for step in range(steps)),
+        )
 
-    @torch.inference_mode()
     def _generate_audio_patch(
         self,
         backbone_hidden_state: torch.Tensor,
         decoding: _PatchDecoding,
-        generation_config: GenerationConfig,
+        audio_do_sample: bool,
+        original_order: bool,
         audio_warpers: LogitsProcessorList,
         keep_scores: bool,
-        used_rows: torch.BoolTensor | None = None,
-    ) -> tuple[torch.LongTensor, list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        used_rows: torch.BoolTensor,
+    ) -> tuple[torch.LongTensor, torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """
         Runs the patch decoder for one LLM position of every sample: step `t` produces frame `t - delay_pattern[c]`
         of each codebook `c` with `0 <= t - delay_pattern[c] < group_size`, and the sum of their embeddings is the
-        input of step `t + 1`. Runs under `torch.inference_mode` (cheaper per operation than `no_grad`; its tensors
-        stay inside `generate`, which only reads them).
+        input of step `t + 1`. Static shapes and no host synchronisation: the whole patch can be compiled or
+        captured as one graph (see `_generation_step_functions`).
 
         Args:
             backbone_hidden_state (`torch.Tensor` of shape `(batch_size, hidden_size)`): the LLM's last hidden state.
             decoding (`_PatchDecoding`): from `_prepare_patch_decoding`; its cache is reset here.
-            used_rows (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the samples whose patch is kept
-                (default: all); with `original_sampling_order`, only their sampling must be possible.
+            audio_do_sample (`bool`): sample the codes (else greedy).
+            original_order (`bool`): ban the empty ids after the warpers, as the original (sampling only).
+            audio_warpers (`LogitsProcessorList`): from `_audio_warpers`.
+            keep_scores (`bool`): also return the logits and processed scores.
+            used_rows (`torch.BoolTensor` of shape `(batch_size,)`): the samples whose patch is kept; with
+                `original_order`, only their sampling must be possible.
 
         Returns:
-            codes `(batch_size, group_size, audio_channels)` and, if `keep_scores`, per codebook the raw logits and the
-            processed scores `(batch_size, group_size, audio_vocab_sizes[c])` (else `None`).
+            codes `(batch_size, group_size, audio_channels)`, a bool tensor `(audio_channels,)` that is True for a
+            codebook whose sampling in the original order was impossible for a used row, and, if `keep_scores`, per
+            codebook the raw logits and the processed scores `(batch_size, group_size, audio_vocab_sizes[c])` (else
+            `None`).
         """
         config = self.config
         empty_ids, delay_pattern = config.audio_empty_ids, config.delay_pattern
         batch_size = backbone_hidden_state.shape[0]
-        codes = torch.empty(
-            batch_size, config.group_size, config.audio_channels, dtype=torch.long, device=backbone_hidden_state.device
-        )
+        device = backbone_hidden_state.device
+        codes = torch.empty(batch_size, config.group_size, config.audio_channels, dtype=torch.long, device=device)
         # Codes of the current step, reused by every step: entries of inactive codebooks are ignored when embedding.
         step_codes = torch.zeros_like(codes[:, :1])
+        sampling_failed = torch.zeros(config.audio_channels, dtype=torch.bool, device=device)
         raw = [[] for _ in empty_ids] if keep_scores else None
         processed = [[] for _ in empty_ids] if keep_scores else None
         last_step = len(decoding.channels) - 1
 
-        original_order = generation_config.original_sampling_order and generation_config.audio_do_sample
-        if used_rows is None:
-            used_rows = torch.ones(batch_size, dtype=torch.bool)
         decoding.cache.reset()
         inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
         for step, channels in enumerate(decoding.channels):
-            hidden = self.patch_decoder(inputs_embeds=inputs_embeds, cache=decoding.cache)[:, -1]
+            hidden = self.patch_decoder(
+                inputs_embeds=inputs_embeds,
+                cache=decoding.cache,
+                position_ids=decoding.position_ids[step],
+                attention_mask=decoding.attention_masks[step],
+                position_embeddings=decoding.position_embeddings[step],
+            )[:, -1]
             for channel in channels:
                 logits = self.get_audio_logits(hidden, channel).float()
                 scores = logits.clone() if keep_scores else logits
                 if original_order:
                     scores = audio_warpers(codes, scores) if audio_warpers else scores
                     scores[:, empty_ids[channel]] = float("-inf")
-                    sampling_scores = _sampling_scores(scores, used_rows, f"codebook {channel}")
+                    sampling_scores, failed = _sampling_scores(scores, used_rows)
+                    sampling_failed[channel] = failed
                 else:
                     scores[:, empty_ids[channel]] = float("-inf")
                     if audio_warpers:
                         scores = audio_warpers(codes, scores)
                     sampling_scores = scores
-                if generation_config.audio_do_sample:
+                if audio_do_sample:
                     probs = nn.functional.softmax(sampling_scores, dim=-1)
                     tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
                 else:
@@ -388,8 +465,71 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                     inputs_embeds.dtype
                 )
         if not keep_scores:
-            return codes, None, None
-        return codes, [torch.stack(rows, dim=1) for rows in raw], [torch.stack(rows, dim=1) for rows in processed]
+            return codes, sampling_failed, None, None
+        raw = [torch.stack(rows, dim=1) for rows in raw]
+        return codes, sampling_failed, raw, [torch.stack(rows, dim=1) for rows in processed]
+
+    def _decode_step(
+        self,
+        input_ids: torch.LongTensor,
+        audio_input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: StaticCache,
+        **kwargs,
+    ) -> ModelOutput:
+        """
+        One LLM position of every sample on a static cache, with static shapes and no host synchronisation, so that
+        it can be compiled or captured: the patch encoder runs on every sample's patch and its output is kept where
+        the text is `<|empty|>` (`MiMoAudioModel.get_decode_inputs_embeds`).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, 1)`): the new text tokens.
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, 1, group_size, audio_channels)`): their patches.
+            attention_mask (`torch.Tensor` of shape `(batch_size, max_cache_len)`, *optional*): 0 at left padding, 1
+                everywhere else (positions after the current one are hidden by the causal mask).
+            position_ids (`torch.LongTensor` of shape `(batch_size, 1)`).
+            cache (`StaticCache`): the LLM's cache, updated in place.
+            kwargs: `output_attentions`, `output_hidden_states`.
+
+        Returns:
+            [`MiMoAudioOutputWithPast`] with `logits` `(batch_size, 1, vocab_size)` and `last_hidden_state`
+            `(batch_size, 1, hidden_size)`.
+        """
+        inputs_embeds = self.model.get_decode_inputs_embeds(input_ids, audio_input_ids)
+        return self(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=True,
+            **kwargs,
+        )
+
+    def _generation_step_functions(self, generation_config: GenerationConfig, model_kwargs: dict) -> tuple:
+        """
+        The decode step and the patch function `_sample` calls: `(_decode_step, _generate_audio_patch)`, compiled
+        when `generation_config.compile` is True, or when it is None and Transformers' rule applies (a static cache
+        on an accelerator, see `_valid_auto_compile_criteria`). The compiled functions are kept on the model and reused
+        while the compile config stays the same; `torch.compile` specialises them per batch size (`dynamic=False`
+        by default), so compilation is paid once per batch size.
+        """
+        compile_steps = generation_config.compile
+        if compile_steps is None:
+            compile_steps = self._valid_auto_compile_criteria(model_kwargs, generation_config)
+        if not compile_steps:
+            return self._decode_step, self._generate_audio_patch
+        compile_config = generation_config.compile_config or CompileConfig(dynamic=False)
+        options = compile_config.to_dict()
+        if getattr(self, "_compiled_generation_options", None) != options:
+            self._compiled_generation_options = options
+            self._compiled_generation_steps = (
+                torch.compile(self._decode_step, **options),
+                torch.compile(self._generate_audio_patch, **options),
+            )
+        return self._compiled_generation_steps
 
     def _sample(
         self,
@@ -422,7 +562,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         attentions = () if output_attentions else None
         hidden_states = () if output_hidden_states else None
 
-        batch_size = input_ids.shape[0]
+        batch_size, prompt_length = input_ids.shape
         device = input_ids.device
         unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=device)
         this_peer_finished = False
@@ -430,29 +570,71 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             batch_size, config.group_size, config.audio_channels
         )
         audio_warpers = self._audio_warpers(generation_config)
+        audio_do_sample = generation_config.audio_do_sample
+        original_audio_order = generation_config.original_sampling_order and audio_do_sample
+        keep_audio_scores = output_scores or output_logits
 
-        outputs = self._prefill(input_ids, generation_config, model_kwargs)
-        patch_decoding = self._prepare_patch_decoding(outputs.last_hidden_state.device)
+        # Both channels are written in place into buffers of the final length (no copy of the sequences per step).
+        total_length = max(generation_config.max_length, prompt_length + 1)
+        sequences = input_ids.new_zeros((batch_size, total_length))
+        sequences[:, :prompt_length] = input_ids
+        audio_sequences = empty_patch[:, None].expand(-1, total_length, -1, -1).clone()
+        audio_sequences[:, :prompt_length] = model_kwargs.pop("audio_input_ids")
+        length = prompt_length
+
+        cache = model_kwargs.get("cache")
+        static_decoding = model_kwargs.get("use_cache", True) and cache is not None and cache.is_compileable
+        decode_step, generate_audio_patch = self._generation_step_functions(generation_config, model_kwargs)
+        model_kwargs["audio_input_ids"] = audio_sequences[:, :length]
+        outputs = self._prefill(sequences[:, :length], generation_config, model_kwargs)
+        if static_decoding:
+            # The padding mask over the whole static cache, and the positions, prepared once for every step.
+            attention_mask = model_kwargs.get("attention_mask")
+            mask_length = cache.get_max_length()
+            full_mask = None
+            if attention_mask is not None:
+                full_mask = attention_mask.new_ones((batch_size, mask_length))
+                full_mask[:, : attention_mask.shape[1]] = attention_mask
+                position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
+            else:
+                position_ids = torch.full((batch_size, 1), length - 1, dtype=torch.long, device=device)
+        patch_decoding = self._prepare_patch_decoding(batch_size, outputs.last_hidden_state.device)
         prefill_consumed = False
         while self._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
             if prefill_consumed:
-                model_inputs = self.prepare_inputs_for_generation(
-                    input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs
-                )
-                outputs = self(**model_inputs, return_dict=True)
+                if static_decoding:
+                    position_ids = position_ids + 1
+                    outputs = decode_step(
+                        sequences[:, length - 1 : length],
+                        audio_sequences[:, length - 1 : length],
+                        full_mask,
+                        position_ids,
+                        cache,
+                        output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states,
+                    )
+                else:
+                    model_kwargs["audio_input_ids"] = audio_sequences[:, :length]
+                    model_inputs = self.prepare_inputs_for_generation(
+                        sequences[:, :length],
+                        next_sequence_length=1 if model_kwargs["use_cache"] else None,
+                        **model_kwargs,
+                    )
+                    outputs = self(**model_inputs, return_dict=True)
             prefill_consumed = True
-            model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+            if not static_decoding:
+                model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
             if synced_gpus and this_peer_finished:
                 continue
 
             # 1. text channel
             next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-            next_token_scores = logits_processor(input_ids, next_token_logits)
+            next_token_scores = logits_processor(sequences[:, :length], next_token_logits)
             if generation_config.do_sample:
                 sampling_scores = next_token_scores
                 if generation_config.original_sampling_order:
-                    used_rows = unfinished_sequences.bool()
-                    sampling_scores = _sampling_scores(next_token_scores, used_rows, "the text channel")
+                    sampling_scores, failed = _sampling_scores(next_token_scores, unfinished_sequences.bool())
+                    _raise_if_sampling_failed(failed, "the text channel")
                 probs = nn.functional.softmax(sampling_scores, dim=-1)
                 next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
             else:
@@ -464,14 +646,18 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             is_audio = next_tokens == config.empty_token_id
             step_audio_logits = step_audio_scores = None
             if is_audio.any():
-                patch, step_audio_logits, step_audio_scores = self._generate_audio_patch(
-                    outputs.last_hidden_state[:, -1],
-                    patch_decoding,
-                    generation_config,
-                    audio_warpers,
-                    keep_scores=output_scores or output_logits,
-                    used_rows=is_audio,
-                )
+                with torch.inference_mode():
+                    patch, failed, step_audio_logits, step_audio_scores = generate_audio_patch(
+                        outputs.last_hidden_state[:, -1].contiguous(),  # the same strides after prefill and decode
+                        patch_decoding,
+                        audio_do_sample,
+                        original_audio_order,
+                        audio_warpers,
+                        keep_audio_scores,
+                        is_audio,
+                    )
+                if original_audio_order and failed.any():
+                    _raise_if_sampling_failed(True, f"codebook {int(failed.int().argmax())}")
                 next_patch = torch.where(is_audio[:, None, None], patch.to(device), empty_patch)
             else:
                 next_patch = empty_patch
@@ -487,15 +673,16 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             if output_hidden_states:
                 hidden_states += (outputs.hidden_states,)
 
-            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-            model_kwargs["audio_input_ids"] = torch.cat([model_kwargs["audio_input_ids"], next_patch[:, None]], dim=1)
+            sequences[:, length] = next_tokens
+            audio_sequences[:, length] = next_patch
+            length += 1
             if streamer is not None:
                 if mimo_streamer:
                     streamer.put(next_tokens.cpu(), next_patch.cpu())
                 else:
                     streamer.put(next_tokens.cpu())
 
-            unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores)
+            unfinished_sequences = unfinished_sequences & ~stopping_criteria(sequences[:, :length], scores)
             this_peer_finished = unfinished_sequences.max() == 0
             del outputs
 
@@ -503,8 +690,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             streamer.end()
 
         return MiMoAudioGenerateOutput(
-            sequences=input_ids,
-            audio_sequences=model_kwargs["audio_input_ids"],
+            sequences=sequences[:, :length].clone(),
+            audio_sequences=audio_sequences[:, :length].clone(),
             scores=scores,
             logits=raw_logits,
             audio_scores=audio_scores,

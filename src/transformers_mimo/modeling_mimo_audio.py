@@ -227,6 +227,8 @@ class MiMoAudioPatchDecoder(nn.Module):
         inputs_embeds: torch.Tensor,
         cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -240,6 +242,11 @@ class MiMoAudioPatchDecoder(nn.Module):
                 or a `StaticCache` reset before each patch). Updated in place.
             position_ids (`torch.LongTensor` of shape `(batch_size, steps)`, *optional*):
                 Defaults to the steps after the cached ones.
+            attention_mask (`torch.Tensor`, *optional*):
+                A prepared 4D mask in the format of the attention implementation (see `create_causal_mask`), e.g. one
+                row of a mask built once per `generate` call. Defaults to the causal mask after the cached steps.
+            position_embeddings (`tuple(torch.Tensor, torch.Tensor)`, *optional*):
+                Prepared rotary `(cos, sin)` of `position_ids`, each `(1, steps, head_dim)`. Computed when omitted.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, steps, patch_decoder_hidden_size)`: outputs after the final norm;
@@ -249,14 +256,16 @@ class MiMoAudioPatchDecoder(nn.Module):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
-        attention_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=None,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        if attention_mask is None:
+            attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=None,
+                cache=cache,
+                position_ids=position_ids,
+            )
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(
@@ -371,6 +380,28 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         audio_embeds = torch.zeros_like(text_embeds)
         audio_embeds[is_audio.to(audio_embeds.device)] = patch_embeds.to(audio_embeds.device, audio_embeds.dtype)
         return text_embeds + audio_embeds
+
+    def get_decode_inputs_embeds(self, input_ids: torch.LongTensor, audio_input_ids: torch.LongTensor) -> torch.Tensor:
+        """
+        The backbone inputs of generated positions, with static shapes and no host synchronisation (for a compiled
+        or captured decode step): the patch encoder runs on the patch of every position and its output is kept where
+        the text is `<|empty|>`, the text embedding elsewhere. Equal to `get_inputs_embeds`, without its code check
+        (generation only emits valid codes).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): text channel.
+            audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`.
+        """
+        text_embeds = self.get_input_embeddings()(input_ids)
+        patches = audio_input_ids.reshape(-1, self.config.group_size, self.config.audio_channels)
+        patch_embeds = self.patch_encoder(
+            self.embed_audio_frames(patches), is_causal=not self.config.input_full_attention
+        ).reshape(text_embeds.shape)
+        is_audio = (input_ids == self.config.empty_token_id).unsqueeze(-1).to(text_embeds.device)
+        return torch.where(is_audio, patch_embeds.to(text_embeds.device, text_embeds.dtype), text_embeds)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
