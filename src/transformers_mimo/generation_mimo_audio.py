@@ -106,8 +106,7 @@ class _PatchDecoding:
     Args:
         cache (`StaticCache`): `batch_size` x `patch_decoder_steps` positions, allocated up front, reset before every
             patch.
-        active (`torch.BoolTensor` of shape `(patch_decoder_steps, audio_channels)`): codebooks produced at each step.
-        channels (`tuple[tuple[int, ...], ...]`): the same, as codebook indices per step.
+        channels (`tuple[tuple[int, ...], ...]`): per step, the codebooks it produces.
         position_ids (`tuple[torch.LongTensor, ...]`): per step, its position `(1, 1)`.
         attention_masks (`tuple`): per step, its row of the causal mask over the cache, in the attention
             implementation's format (`None` where the implementation needs none).
@@ -116,7 +115,6 @@ class _PatchDecoding:
     """
 
     cache: StaticCache
-    active: torch.BoolTensor
     channels: tuple[tuple[int, ...], ...]
     position_ids: tuple[torch.LongTensor, ...]
     attention_masks: tuple[torch.Tensor | None, ...]
@@ -376,7 +374,6 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         cos, sin = self.patch_decoder.rotary_emb(inputs_embeds, position_ids)
         return _PatchDecoding(
             cache=cache,
-            active=active,
             channels=channels,
             position_ids=tuple(position_ids[:, step : step + 1] for step in range(steps)),
             attention_masks=tuple(None if mask is None else mask[:, :, step : step + 1] for step in range(steps)),
@@ -461,9 +458,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                     raw[channel].append(logits)
                     processed[channel].append(scores)
             if step < last_step:
-                inputs_embeds = self.embed_patch_decoder_codes(step_codes, decoding.active[step]).to(
-                    inputs_embeds.dtype
-                )
+                inputs_embeds = self.embed_patch_decoder_codes(step_codes, channels=channels).to(inputs_embeds.dtype)
         if not keep_scores:
             return codes, sampling_failed, None, None
         raw = [torch.stack(rows, dim=1) for rows in raw]

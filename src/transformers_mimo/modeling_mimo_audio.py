@@ -496,7 +496,10 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         return self.patch_decoder.input_proj(hidden_states.to(self.patch_decoder.input_proj.weight.dtype))
 
     def embed_patch_decoder_codes(
-        self, audio_codes: torch.LongTensor, codebook_mask: torch.BoolTensor | None = None
+        self,
+        audio_codes: torch.LongTensor,
+        codebook_mask: torch.BoolTensor | None = None,
+        channels: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """
         Patch decoder input for a set of codes: the sum over the active codebooks of the shared `audio_embeddings`,
@@ -508,6 +511,9 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
                 One code per codebook; entries where `codebook_mask` is False are ignored (any value).
             codebook_mask (`torch.BoolTensor` broadcastable to `audio_codes`, *optional*):
                 True where a codebook contributes. Defaults to all codebooks.
+            channels (`tuple[int, ...]`, *optional*):
+                The codebooks that may contribute, when known ahead (a generation step's): the others are skipped
+                instead of adding zeros, which gives the same sum. Defaults to all codebooks.
 
         Returns:
             `torch.Tensor` of shape `(..., patch_decoder_hidden_size)`.
@@ -517,18 +523,24 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
                 f"`audio_codes` must end with audio_channels={self.config.audio_channels}, "
                 f"got {tuple(audio_codes.shape)}."
             )
-        if codebook_mask is None:
-            codebook_mask = torch.ones_like(audio_codes, dtype=torch.bool)
-        codebook_mask = codebook_mask.expand_as(audio_codes)
+        if codebook_mask is not None:
+            codebook_mask = codebook_mask.expand_as(audio_codes)
+        tables = self.model.audio_embeddings
         embeds = None
-        for channel, table in enumerate(self.model.audio_embeddings):
-            active = codebook_mask[..., channel]
-            codes = audio_codes[..., channel].masked_fill(~active, 0)
-            channel_embeds = table(codes)
+        for channel in range(len(tables)) if channels is None else channels:
+            codes = audio_codes[..., channel]
+            if codebook_mask is not None:
+                codes = codes.masked_fill(~codebook_mask[..., channel], 0)
+            channel_embeds = tables[channel](codes)
             if self.patch_decoder.embeddings_proj is not None:
                 channel_embeds = self.patch_decoder.embeddings_proj(channel_embeds)
-            channel_embeds = channel_embeds * active.unsqueeze(-1).to(channel_embeds.device, channel_embeds.dtype)
+            if codebook_mask is not None:
+                active = codebook_mask[..., channel].unsqueeze(-1)
+                channel_embeds = channel_embeds * active.to(channel_embeds.device, channel_embeds.dtype)
             embeds = channel_embeds if embeds is None else embeds + channel_embeds.to(embeds.device)
+        if embeds is None:  # no codebook at this step
+            hidden_size = self.patch_decoder.input_proj.out_features
+            embeds = tables[0].weight.new_zeros((*audio_codes.shape[:-1], hidden_size))
         return embeds
 
     def get_audio_logits(self, patch_decoder_hidden_states: torch.Tensor, codebook: int) -> torch.Tensor:
