@@ -1,39 +1,53 @@
-"""Speed of MiMo-Audio's patch-level `generate()` on random weights (CPU by default).
+"""Speed and memory of MiMo-Audio's patch-level `generate()` on random weights, eager and `compile=True`.
 
-Three parts, printed as Markdown tables, each in float32 and bfloat16 (the released checkpoints' dtype), eager and
-compiled ("compiled, frozen weights": `torch.compile` of the LLM, patch encoder, patch decoder and text head with
-Inductor's `freezing`, which turns the weights into constants prepacked for oneDNN/MKL; see `compile_frozen`):
+Every step is forced to choose audio (a logits processor that only allows `<|empty|>`), so each step produces one
+patch of `group_size` x `audio_channels` codes per sample: an LLM decode step plus the patch decoder's
+`group_size + max(delay_pattern)` steps. Modes: **eager** (the defaults: dynamic LLM cache) and **compiled**
+(`generate(..., compile=True)`: static caches, the decode step and the whole patch compiled by `torch.compile`; on
+CUDA in CUDA graphs). The first call of each batch size (compilation included) is reported on its own.
 
-1. Throughput on a mid-size config: audio patches per second at batch 1, 4 and 8 (every step is forced to choose
-   audio, so every step yields one patch per sample), with the LLM's dynamic cache, with its static cache, and
-   compiled (static cache). Prefill is timed separately (one forward over the prompt). The last column compares the
-   generated codes with the first eager mode's.
-2. Cost of the patch decoder relative to one LLM step at batch 1, on a config with the released model's layer
-   counts and width ratios (36 LLM layers, 16 patch decoder layers, patch decoder 1/4 of the LLM width, 64-wide
-   heads ratio kept) with every width divided by `--scale`, fp32.
-3. The same comparison at the released widths: one real-width LLM layer timed against a KV cache of `--context`
-   positions and extrapolated to 36 layers plus the real text head; the real-width patch decoder (16 layers) timed
-   as `generate` runs it (see `part_real_width`). About 3.5 GB of memory (7 GB while compiled in float32).
+Parts (printed as Markdown tables):
 
-    python benchmarks/bench_generate.py              # all parts, about 15 minutes on 2 CPU cores
-    python benchmarks/bench_generate.py --no-compile # eager only (each compiled model compiles for ~1 min)
-    python benchmarks/bench_generate.py --part real  # only part 3
+1. `throughput`: mid-size config, patches/s per batch size (CPU: 1, 4, 8; CUDA: 1, 8, 32), prefill and decode step
+   times, and whether the codes equal eager's.
+2. `memory`: mid-size config, batch 8, a 2,000-position generation (`--memory-positions`, half prompt, half new):
+   peak memory of `generate` over what the process held before (CPU: peak resident set, `VmHWM`; CUDA: peak
+   allocated), and the growth from the 100th step to the last one (none is expected beyond the preallocated caches).
+3. `real` (CUDA only): the released widths (`MiMoAudioConfig()`, 8.0B parameters, bf16), batch 1, 8 and 32:
+   patches/s and the real-time factor (decode step time / 0.16 s of audio per patch) at batch 1.
+
+    python benchmarks/bench_generate.py                      # all parts the device allows
+    python benchmarks/bench_generate.py --part throughput    # one part
+    python benchmarks/bench_generate.py --device cuda        # on a GPU (compiled = CUDA graphs)
 """
 
 import argparse
+import os
 import platform
 import time
 
 import torch
-import torch._inductor.config
-from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from transformers_mimo.configuration_mimo_audio import MiMoAudioConfig
+from transformers_mimo.generation_mimo_audio import MiMoAudioStreamer
 from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
 
 
-AUDIO_VOCAB_SIZES = [1025, 1025] + [129] * 6
-CLOCK = "cpu"
+MODES = {"eager": {}, "compiled": {"compile": True, "cache_implementation": "static"}}
+MID_SIZE = {
+    "text": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+    },
+    "encoder": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8},
+    "decoder": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8},
+    "vocab_size": 8192,
+}
 
 
 class ChooseAudio(LogitsProcessor):
@@ -48,54 +62,32 @@ class ChooseAudio(LogitsProcessor):
         return forced
 
 
-def patch_config(width: int, ffn: int, layers: int, heads: int) -> dict:
-    """A patch encoder/decoder config: no GQA, head dim `width // heads` (as in the released model)."""
-    return {
-        "hidden_size": width,
-        "intermediate_size": ffn,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "head_dim": width // heads,
-    }
-
-
-def build_model(text: dict, encoder: dict, decoder: dict, vocab_size: int) -> MiMoAudioForConditionalGeneration:
+def build_model(text: dict, encoder: dict, decoder: dict, vocab_size: int, dtype=torch.float32, device="cpu"):
+    """A random model: `text` overrides the Qwen2 backbone config, `encoder` / `decoder` the patch transformers
+    (no GQA, head dim `width // heads`, as released)."""
     torch.manual_seed(0)
+    patch = {name: {**sizes, "num_key_value_heads": sizes["num_attention_heads"]} for name, sizes in
+             (("encoder", encoder), ("decoder", decoder))}  # fmt: skip
+    for sizes in patch.values():
+        sizes["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
     config = MiMoAudioConfig(
         text_config={"model_type": "qwen2", "vocab_size": vocab_size, "rope_theta": 640000.0, **text},
-        patch_encoder_config=encoder,
-        patch_decoder_config=decoder,
-        audio_vocab_sizes=AUDIO_VOCAB_SIZES,
+        patch_encoder_config=patch["encoder"],
+        patch_decoder_config=patch["decoder"],
         empty_token_id=vocab_size - 1,
     )
     config._attn_implementation = "sdpa"
-    return MiMoAudioForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = MiMoAudioForConditionalGeneration(config)
+    return model.to(dtype).eval()
 
 
-def greedy_generation_config(model):
-    """Greedy text and audio config with every MiMo-Audio default filled in, as `generate` prepares it."""
-    generation_config, _ = model._prepare_generation_config(GenerationConfig(do_sample=False))
-    return generation_config
-
-
-def compile_frozen(*modules: torch.nn.Module):
-    """
-    `torch.compile`s each module's `forward` with Inductor's weight freezing, PyTorch's setting for CPU inference: the
-    weights become constants of the compiled code, prepacked for oneDNN/MKL matrix products. Inference only (later
-    changes to the weights are not seen). Compiling `forward` rather than the module keeps forward hooks outside the
-    compiled code.
-    """
-    torch._inductor.config.freezing = True
-    # One process compiles every batch size, each for the prefill of `generate`, its decode steps and the prefill timed
-    # on its own: more variants than Dynamo's default limit of 8, past which it only warns and runs eagerly.
-    torch._dynamo.config.recompile_limit = 64
-    for module in modules:
-        module.forward = torch.compile(module.forward)
+def mid_size_model(dtype=torch.float32, device="cpu"):
+    return build_model(**MID_SIZE, dtype=dtype, device=device)
 
 
 def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternating text positions and audio positions (random codes)."""
+    """Alternating text positions and audio positions (random codes), on the model's device."""
     config = model.config
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config.empty_token_id, (batch_size, length), generator=generator)
@@ -105,388 +97,222 @@ def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, to
         torch.rand(batch_size, length, config.group_size, config.audio_channels, generator=generator) * sizes
     ).long()
     audio[input_ids != config.empty_token_id] = sizes
-    return input_ids, audio
+    return input_ids.to(model.device), audio.to(model.device)
 
 
-def clock() -> float:
-    """Process CPU time (with --clock cpu) or wall time, in seconds."""
-    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats` calls by `clock()`: on a shared machine other jobs only ever add time."""
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
+def forced_audio_generate(model, prompt, steps: int, mode: str, **kwargs):
+    """`generate` of `steps` all-audio positions; returns the new codes `(batch, steps, group_size, channels)`."""
+    input_ids, audio = prompt
+    out = model.generate(
+        input_ids,
+        audio,
+        max_new_tokens=steps,
+        eos_token_id=None,
+        logits_processor=LogitsProcessorList([ChooseAudio(model.config.empty_token_id)]),
+        **MODES[mode],
+        **kwargs,
+    )
+    assert out.sequences.shape[1] == input_ids.shape[1] + steps
+    return out.audio_sequences[:, input_ids.shape[1] :]
 
 
 @torch.no_grad()
-def throughput(model, batch_sizes, prompt_length: int, new_tokens: int, repeats: int, **generate_kwargs) -> dict:
+def throughput(model, batch_sizes, prompt_length: int, new_tokens: int, repeats: int, mode: str) -> dict:
     """
-    For each batch size: (prefill seconds, decode seconds per step, patches per second, generated audio codes).
+    For each batch size: `(first call seconds, prefill seconds, decode seconds per step, patches per second, codes)`.
 
-    A decode step is `(time of new_tokens + 1 steps - time of 1 step) / new_tokens`. Each of the `repeats` runs times
-    every batch size one after the other (prefill, 1 step, `new_tokens + 1` steps), and each time is the fastest over
-    the runs, so that a slow phase of a shared machine (other jobs using the memory bandwidth) reaches all alike.
+    The first call (compilation included, for `compiled`) generates 2 positions. A decode step is `(time of
+    new_tokens + 1 steps - time of 1 step) / new_tokens`, each time the fastest of `repeats` runs that go through
+    every batch size in turn, so that a slow phase of a shared machine reaches all alike.
     """
-    choose_audio = LogitsProcessorList([ChooseAudio(model.config.empty_token_id)])
     prompts = {batch_size: random_prompt(model, batch_size, prompt_length) for batch_size in batch_sizes}
+    device = model.device
 
-    def generate(batch_size, steps):
-        input_ids, audio = prompts[batch_size]
-        out = model.generate(
-            input_ids, audio, max_new_tokens=steps, eos_token_id=None, logits_processor=choose_audio, **generate_kwargs
-        )
-        assert out.sequences.shape[1] == prompt_length + steps
-        return out.audio_sequences[:, prompt_length:]
+    def timed(fn):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - start
 
-    def prefill(batch_size):
-        model(*prompts[batch_size], use_cache=True, logits_to_keep=1)
-
-    for batch_size in batch_sizes:  # warm-up (and compilation)
-        generate(batch_size, 2)
-        prefill(batch_size)
+    first = {b: timed(lambda: forced_audio_generate(model, prompts[b], 2, mode)) for b in batch_sizes}
     runs = {(batch_size, kind): [] for batch_size in batch_sizes for kind in ("prefill", "short", "long")}
     for _ in range(repeats):
-        for batch_size in batch_sizes:
-            for kind, fn in (
-                ("prefill", lambda: prefill(batch_size)),
-                ("short", lambda: generate(batch_size, 1)),
-                ("long", lambda: generate(batch_size, new_tokens + 1)),
-            ):
-                start = clock()
-                fn()
-                runs[batch_size, kind].append(clock() - start)
+        for b in batch_sizes:
+            runs[b, "prefill"].append(timed(lambda: model(*prompts[b], use_cache=True, logits_to_keep=1)))
+            runs[b, "short"].append(timed(lambda: forced_audio_generate(model, prompts[b], 1, mode)))
+            runs[b, "long"].append(timed(lambda: forced_audio_generate(model, prompts[b], new_tokens + 1, mode)))
     results = {}
-    for batch_size in batch_sizes:
-        per_step = (min(runs[batch_size, "long"]) - min(runs[batch_size, "short"])) / new_tokens
-        codes = generate(batch_size, new_tokens + 1)
-        results[batch_size] = (min(runs[batch_size, "prefill"]), per_step, batch_size / per_step, codes)
+    for b in batch_sizes:
+        per_step = (min(runs[b, "long"]) - min(runs[b, "short"])) / new_tokens
+        codes = forced_audio_generate(model, prompts[b], new_tokens + 1, mode)
+        results[b] = (first[b], min(runs[b, "prefill"]), per_step, b / per_step, codes)
     return results
 
 
-MID_SIZE_TEXT_CONFIG = {
-    "hidden_size": 512,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-}
-
-
-def part_throughput(args):
-    def build(dtype):
-        model = build_model(
-            text=MID_SIZE_TEXT_CONFIG,
-            encoder=patch_config(256, 1024, 2, 8),
-            decoder=patch_config(256, 1024, 4, 8),
-            vocab_size=8192,
-        )
-        return model.to(dtype)
-
-    parameters = sum(p.numel() for p in build(torch.float32).parameters()) / 1e6
+def part_throughput(args, device):
+    parameters = sum(p.numel() for p in mid_size_model().parameters()) / 1e6
     print(
         f"\n### Throughput, mid-size config ({parameters:.0f}M parameters: LLM 512 wide x 8 layers, patch decoder "
-        f"256 wide x 4 layers), prompt {args.prompt_length} positions, {args.new_tokens} new positions, "
-        f"{torch.get_num_threads()} threads\n"
+        f"256 wide x 4 layers), prompt {args.prompt_length} positions, {args.new_tokens} timed steps\n"
     )
-    modes = [
-        ("eager, dynamic LLM cache", False, {}),
-        ("eager, static LLM cache", False, {"cache_implementation": "static"}),
-    ]
-    if args.compile:
-        modes.append(("compiled, frozen weights, static LLM cache", True, {"cache_implementation": "static"}))
-    print("| dtype | mode | batch | prefill (ms) | decode step (ms) | patches/s | vs batch 1 | codes as eager |")
+    print("| dtype | mode | batch | first call (s) | prefill (ms) | decode step (ms) | patches/s | codes as eager |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         reference = {}
-        for label, compiled, kwargs in modes:
-            model = build(getattr(torch, dtype))
-            if compiled:
-                compile_frozen(
-                    model.model.language_model, model.model.patch_encoder, model.patch_decoder, model.lm_head
-                )
-            results = throughput(model, args.batch_sizes, args.prompt_length, args.new_tokens, args.repeats, **kwargs)
-            baseline = None
-            for batch_size, (prefill, per_step, rate, codes) in results.items():
-                baseline = baseline or rate
+        for mode in args.modes:
+            model = mid_size_model(getattr(torch, dtype), device)
+            results = throughput(model, args.batch_sizes, args.prompt_length, args.new_tokens, args.repeats, mode)
+            for batch_size, (first, prefill, per_step, rate, codes) in results.items():
                 same = (codes == reference.setdefault(batch_size, codes)).float().mean().item()
                 print(
-                    f"| {dtype} | {label} | {batch_size} | {prefill * 1e3:.1f} | {per_step * 1e3:.1f} | {rate:.1f} | "
-                    f"{rate / baseline:.2f}x | {same:.0%} |",
+                    f"| {dtype} | {mode} | {batch_size} | {first:.1f} | {prefill * 1e3:.1f} | {per_step * 1e3:.1f} | "
+                    f"{rate:.1f} | {same:.0%} |",
                     flush=True,
                 )
             torch._dynamo.reset()
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_resident():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class MemoryTrace(MiMoAudioStreamer):
+    """Records the memory in use after every generated step (CPU: resident set; CUDA: allocated)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+        self.samples = []
+
+    def on_step(self, text_ids, audio_ids):
+        in_use = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else _resident_bytes()
+        self.samples.append(in_use)
+
+
 @torch.no_grad()
-def part_patch_decoder_cost(args):
-    s = args.scale
+def generation_memory(model, batch_size: int, positions: int, mode: str) -> tuple[int, int, int]:
+    """
+    Memory of one all-audio `generate` of `positions` positions (half prompt, half new), after a warm-up call.
+
+    Returns `(peak bytes over the memory in use before the call, bytes in use after step 100 minus after the first,
+    bytes in use at the last step minus after step 100)`.
+    """
+    prompt_length = positions // 2
+    prompt = random_prompt(model, batch_size, prompt_length)
+    forced_audio_generate(model, prompt, positions - prompt_length, mode)  # warm-up, compilation
+    trace = MemoryTrace(model.device)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = _resident_bytes()
+        _reset_peak_resident()
+    forced_audio_generate(model, prompt, positions - prompt_length, mode, streamer=trace)
+    peak = torch.cuda.max_memory_allocated() if model.device.type == "cuda" else _peak_resident_bytes()
+    samples = trace.samples
+    return peak - before, samples[100] - samples[0], samples[-1] - samples[100]
+
+
+def part_memory(args, device):
+    print(
+        f"\n### Memory, mid-size config, batch {args.memory_batch_size}, {args.memory_positions} positions "
+        f"({args.memory_positions // 2} prompt + {args.memory_positions - args.memory_positions // 2} generated)\n"
+    )
+    print("| dtype | mode | peak over before (MiB) | growth, steps 1 to 100 (MiB) | growth, step 100 to last (MiB) |")
+    print("|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for mode in args.modes:
+            model = mid_size_model(getattr(torch, dtype), device)
+            peak, early, late = generation_memory(model, args.memory_batch_size, args.memory_positions, mode)
+            mib = 2**20
+            print(f"| {dtype} | {mode} | {peak / mib:.1f} | {early / mib:.1f} | {late / mib:.1f} |", flush=True)
+            torch._dynamo.reset()
+
+
+def part_real_width(args, device):
+    if device.type != "cuda":
+        print("\n### Released widths: skipped (CUDA only: 8.0B parameters)")
+        return
     model = build_model(
-        text={
-            "hidden_size": 4096 // s,
-            "intermediate_size": 11008 // s,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32 // s,
-            "num_key_value_heads": max(8 // s, 1),
-            "head_dim": 128,
-            "tie_word_embeddings": False,
-        },
-        encoder=patch_config(1024 // s, 4096 // s, 6, 64 // s),
-        decoder=patch_config(1024 // s, 4096 // s, 16, 64 // s),
-        vocab_size=151680 // s,
+        text={"tie_word_embeddings": False},
+        encoder={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 6, "num_attention_heads": 64},
+        decoder={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 64},
+        vocab_size=151680,
+        dtype=torch.bfloat16,
+        device=device,
     )
     config = model.config
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    seconds_per_patch = config.group_size / 25.0  # 25 code frames per second of audio
+    parameters = sum(p.numel() for p in model.parameters()) / 1e9
     print(
-        f"\n### Patch decoder vs LLM step, batch 1, released proportions / {s} ({parameters:.0f}M parameters: LLM "
-        f"{4096 // s} wide x 36 layers, patch decoder {1024 // s} wide x 16 layers, "
-        f"{config.patch_decoder_steps} decoder steps per patch), fp32, {torch.get_num_threads()} threads\n"
+        f"\n### Released widths ({parameters:.1f}B parameters, random weights, bf16), "
+        f"{torch.cuda.get_device_name(device)}, prompt {args.prompt_length} positions\n"
     )
-    input_ids, audio = random_prompt(model, 1, args.prompt_length + 2)
-    input_ids, audio = input_ids[:, 1:], audio[:, 1:]  # the last position is an audio position
-    prefill = model(input_ids[:, :-1], audio[:, :-1], use_cache=True, logits_to_keep=1)
-    cache = prefill.cache
-    position_ids = torch.tensor([[args.prompt_length]])
-
-    def llm_step():  # one audio position in, text logits and hidden state out (patch encoder included)
-        model(
-            input_ids[:, -1:], audio[:, -1:], cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1
-        )
-        cache.crop(-1)
-
-    generation_config = greedy_generation_config(model)
-    warpers = model._audio_warpers(generation_config)
-    patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
-    hidden = prefill.last_hidden_state[:, -1]
-
-    def patch():
-        model._generate_audio_patch(hidden, patch_decoding, generation_config, warpers, keep_scores=False)
-
-    print("| mode | LLM step (ms) | patch decoder per patch (ms) | patch decoder / LLM step |")
-    print("|---|---|---|---|")
-    modes = ["eager"] + (["compiled, frozen weights"] if args.compile else [])
-    for mode in modes:
-        if mode != "eager":
-            compile_frozen(model.model.language_model, model.model.patch_encoder, model.patch_decoder, model.lm_head)
-        llm_step()
-        llm = best_time(llm_step, args.repeats)
-        patch()
-        seconds = best_time(patch, args.repeats)
-        print(f"| {mode} | {llm * 1e3:.1f} | {seconds * 1e3:.1f} | {seconds / llm:.0%} |", flush=True)
-    torch._dynamo.reset()
-    patch_reads, llm_reads = weight_reads(model)
-    print(
-        f"\nWeights read at batch 1 (the bound when both are memory-bound, the same at every `--scale`): "
-        f"{patch_reads / 1e6:.0f}M per patch vs {llm_reads / 1e6:.0f}M per LLM step = {patch_reads / llm_reads:.0%}."
-    )
-
-
-class CpuTimer:
-    """Accumulates the time spent inside one module's forward calls (hooks around `module.__call__`)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.seconds = 0.0
-        self._start = None
-        self._hooks = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
-
-    def remove(self):
-        for hook in self._hooks:
-            hook.remove()
-
-    def _enter(self, module, args):
-        self._start = clock()
-
-    def _exit(self, module, args, output):
-        self.seconds += clock() - self._start
-
-
-REAL_TEXT_CONFIG = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "tie_word_embeddings": False,
-}
-REAL_LAYERS, REAL_VOCAB = 36, 151680
-
-
-@torch.no_grad()
-def part_real_width(args):
-    """
-    Patch decoder vs LLM step at the released widths, batch 1. A full 7B LLM does not fit the budget of this script,
-    so the model is built with the real patch encoder (1024 x 6) and patch decoder (1024 x 16, 64 heads) but only 1
-    of the 36 LLM layers and a small text vocabulary. The LLM step is one forward of an audio position against a KV
-    cache of `--context` positions; the time inside its one layer and inside its small text head is measured with
-    hooks, and the real step is extrapolated as `step - head_small + 35 x layer + head_real`, where `head_real` is a
-    `1/4 x 151680`-row head timed on its own, x 4. The patch decoder is timed as it runs in `generate`
-    (`_generate_audio_patch`: 11 steps x 16 layers, heads, embeddings), nothing extrapolated.
-    """
-
-    def build(dtype):
-        model = build_model(
-            text={**REAL_TEXT_CONFIG, "num_hidden_layers": 1},
-            encoder=patch_config(1024, 4096, 6, 64),
-            decoder=patch_config(1024, 4096, 16, 64),
-            vocab_size=1024,
-        )
-        head_real = torch.nn.Linear(model.config.text_config.hidden_size, REAL_VOCAB // 4, bias=False)
-        return model.to(dtype), head_real.to(dtype)
-
-    print(
-        f"\n### Patch decoder vs LLM step at the released widths, batch 1, KV cache of {args.context} positions, "
-        f"{torch.get_num_threads()} threads\n"
-    )
-    print(
-        "| dtype | mode | LLM layer (ms) | text head (ms) | LLM step, 36 layers (ms, extrapolated) | patch decoder "
-        "per patch (ms, measured) | patch decoder / LLM step |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    modes = ["eager"] + (["compiled, frozen weights"] if args.compile else [])
-    for dtype in args.dtypes:
-        for mode in modes:
-            model, head_real = build(getattr(torch, dtype))
-            if mode != "eager":
-                compile_frozen(
-                    model.model.language_model.layers[0],
-                    model.model.patch_encoder,
-                    model.patch_decoder,
-                    model.lm_head,
-                    head_real,
-                )
-            layer, head, llm, patch, layers = real_width_times(model, head_real, args.context, args.repeats)
+    print("| mode | batch | first call (s) | decode step (ms) | patches/s | real-time factor per stream |")
+    print("|---|---|---|---|---|---|")
+    for mode in args.modes:
+        results = throughput(model, args.real_batch_sizes, args.prompt_length, args.new_tokens, args.repeats, mode)
+        for batch_size, (first, _, per_step, rate, _) in results.items():
             print(
-                f"| {dtype} | {mode} | {layer * 1e3:.1f} | {head * 1e3:.1f} | {llm * 1e3:.0f} | "
-                f"{patch * 1e3:.0f} ({layers / patch:.0%} in its layers) | {patch / llm:.0%} |",
+                f"| {mode} | {batch_size} | {first:.1f} | {per_step * 1e3:.1f} | {rate:.1f} | "
+                f"{per_step / seconds_per_patch:.3f} |",
                 flush=True,
             )
-            torch._dynamo.reset()
-    text_config = model.config.text_config
-    patch_reads, llm_reads = weight_reads(model)
-    layer_params = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
-    llm_reads += (REAL_LAYERS - 1) * layer_params + (REAL_VOCAB - text_config.vocab_size) * text_config.hidden_size
-    print(
-        f"\nWeights read at batch 1: {patch_reads / 1e6:.0f}M per patch vs {llm_reads / 1e6:.0f}M per LLM step = "
-        f"{patch_reads / llm_reads:.0%}."
-    )
+        torch._dynamo.reset()
 
 
-def real_width_times(model, head_real, context: int, repeats: int) -> tuple[float, ...]:
-    """
-    Seconds of one LLM layer, the real text head, the extrapolated LLM step, one patch and the part of that patch
-    spent in the patch decoder's forward (its layers), at batch 1; each the fastest of `repeats` runs. Each run times
-    an LLM step, the real head and a patch one after the other, so that a slow phase of a shared machine (other jobs
-    using the memory bandwidth) reaches all three alike.
-    """
-    text_config = model.config.text_config
-    dtype = model.dtype
-    input_ids, audio = random_prompt(model, 1, 2)  # position 1 is an audio position
-    input_ids, audio = input_ids[:, 1:], audio[:, 1:]
-    shape = (1, text_config.num_key_value_heads, context, text_config.head_dim)
-    cache = DynamicCache(config=text_config)
-    cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), 0)
-    position_ids = torch.tensor([[context]])
-    head_input = torch.randn(1, 1, text_config.hidden_size, dtype=dtype)
-    generation_config = greedy_generation_config(model)
-    warpers = model._audio_warpers(generation_config)
-    patch_decoding = model._prepare_patch_decoding(torch.device("cpu"))
-
-    def llm_step():
-        output = model(input_ids, audio, cache=cache, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        cache.crop(-1)
-        return output.last_hidden_state[:, -1]
-
-    hidden = llm_step()
-
-    def patch():
-        model._generate_audio_patch(hidden, patch_decoding, generation_config, warpers, keep_scores=False)
-
-    head_real(head_input)
-    patch()  # warm-ups
-    timers = {
-        "layer": CpuTimer(model.model.language_model.layers[0]),
-        "head": CpuTimer(model.lm_head),
-        "decoder": CpuTimer(model.patch_decoder),
-    }
-    runs = {key: [] for key in ("step", "layer", "head", "head_real", "patch", "decoder")}
-    for _ in range(repeats):
-        for timer in timers.values():
-            timer.seconds = 0.0
-        for key, fn in (("step", llm_step), ("head_real", lambda: head_real(head_input)), ("patch", patch)):
-            start = clock()
-            fn()
-            runs[key].append(clock() - start)
-        for key, timer in timers.items():
-            runs[key].append(timer.seconds)
-    for timer in timers.values():
-        timer.remove()
-    layer = min(runs["layer"])
-    head = min(runs["head_real"]) * REAL_VOCAB / head_real.out_features
-    llm = min(runs["step"]) - min(runs["head"]) + (REAL_LAYERS - 1) * layer + head
-    patch_seconds, decoder_seconds = min(zip(runs["patch"], runs["decoder"]))
-    return layer, head, llm, patch_seconds, decoder_seconds
-
-
-def weight_reads(model) -> tuple[int, int]:
-    """Parameters read per patch (every decoder step reads all layers; each head serves `group_size` steps) and
-    per LLM step (backbone, text head and the patch encoder of the input position)."""
-    config = model.config
-
-    def count(module):
-        return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
-    decoder = model.patch_decoder
-    steps = config.patch_decoder_steps
-    patch = (
-        steps * (count(decoder.layers) + count(decoder.norm))
-        + config.group_size * count(decoder.heads)
-        + count(decoder.input_proj)
-        + (steps - 1) * count(decoder.embeddings_proj)
-    )
-    llm = count(model.model.language_model) - count(model.get_input_embeddings())
-    llm += count(model.lm_head) + count(model.model.patch_encoder)
-    return patch, llm
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--part", choices=["all", "throughput", "memory", "real"], default="all")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], help="dtypes of the mid-size parts")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 4 8 on CPU, 1 8 32 on CUDA")
+    parser.add_argument("--real-batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-length", type=int, default=64, help="prompt length in LLM positions")
-    parser.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per generate call")
-    parser.add_argument("--repeats", type=int, default=5, help="timings are the fastest of this many runs")
-    parser.add_argument("--scale", type=int, default=4, help="width divisor of the released proportions (part 2)")
-    parser.add_argument("--context", type=int, default=1024, help="LLM KV cache length in the real-width part")
-    parser.add_argument(
-        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the throughput and real-width parts"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu: process CPU time, robust on a shared machine with --threads 1; wall: elapsed time",
-    )
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
-    parser.add_argument("--part", choices=["all", "throughput", "cost", "real"], default="all")
-    args = parser.parse_args()
-    global CLOCK
-    CLOCK = args.clock
+    parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per generate call")
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the fastest of this many runs")
+    parser.add_argument("--memory-batch-size", type=int, default=8)
+    parser.add_argument("--memory-positions", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    # Each batch size is its own static-shape graph: more variants than Dynamo's default limit of 8 in one process.
+    torch._dynamo.config.recompile_limit = 64
+    if args.batch_sizes is None:
+        args.batch_sizes = [1, 8, 32] if device.type == "cuda" else [1, 4, 8]
     print(
-        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'process CPU' if CLOCK == 'cpu' else 'wall'} time"
+        f"torch {torch.__version__}, {platform.machine()} ({platform.processor() or 'unknown CPU'}), "
+        f"{torch.get_num_threads()} threads, device {device}"
     )
     if args.part in ("all", "throughput"):
-        part_throughput(args)
-    if args.part in ("all", "cost"):
-        part_patch_decoder_cost(args)
+        part_throughput(args, device)
+    if args.part in ("all", "memory"):
+        part_memory(args, device)
     if args.part in ("all", "real"):
-        part_real_width(args)
+        part_real_width(args, device)
 
 
 if __name__ == "__main__":

@@ -115,11 +115,14 @@ def stacked_audio(per_step, sample=0):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
 @pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize(
     ("case", "prompt"), [(case, prompt) for case, prompts in LM_CASES.items() for prompt in prompts]
 )
-def test_greedy_generation_matches_original_fp32(case, prompt, run, models, golden):
+def test_greedy_generation_matches_original_fp32(case, prompt, run, cache_implementation, models, golden):
+    """Both decode paths: the dynamic LLM cache (default), and the static one, whose static-shape decode step is
+    the code `compile=True` compiles (the compiled functions are checked against it below)."""
     tensors, manifest = golden(case)
     model = models(case)
     group_size = model.config.group_size
@@ -133,6 +136,7 @@ def test_greedy_generation_matches_original_fp32(case, prompt, run, models, gold
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
+        cache_implementation=cache_implementation,
         **generation_kwargs(manifest, "fp32", prompt, run),
     )
     assert isinstance(out, MiMoAudioGenerateOutput)
@@ -438,6 +442,31 @@ def test_other_config_patches_match_teacher_forcing_and_batch():
     alone = model.generate(input_ids[1:], audio_input_ids[1:], **kwargs)
     assert torch.equal(alone.sequences[0], out.sequences[1])
     assert torch.equal(alone.audio_sequences[0], out.audio_sequences[1])
+
+
+def test_compiled_generation_equals_eager(models, golden):
+    """`compile=True` (static caches, the decode step and the whole patch compiled by torch.compile) generates the
+    eager ids exactly in fp32: greedy with stop ids on a left-padded batch whose samples choose text and audio at the
+    same step, and seeded sampling (the compiled sampling draws from the same generator as eager)."""
+    tensors, manifest = golden("lm_a")
+    model = models("lm_a")
+    pad = manifest["special_token_ids"]["<|endoftext|>"]
+    stop_ids = [pad, manifest["special_token_ids"]["<|im_end|>"], manifest["special_token_ids"]["<|eostm|>"]]
+    _, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, LM_CASES["lm_a"][:2], pad)
+    greedy = {"max_new_tokens": 8, "eos_token_id": stop_ids, "pad_token_id": pad}
+    sampling = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 6, "eos_token_id": None}
+    for kwargs, seed in ((greedy, None), (sampling, 0)):
+        runs = []
+        for compile_steps in (False, True):
+            if seed is not None:
+                torch.manual_seed(seed)
+            runs.append(model.generate(input_ids, audio_input_ids, attention_mask, compile=compile_steps, **kwargs))
+        eager, compiled = runs
+        assert torch.equal(compiled.sequences, eager.sequences)
+        assert torch.equal(compiled.audio_sequences, eager.audio_sequences)
+        is_audio = eager.sequences[:, input_ids.shape[1] :] == model.config.empty_token_id
+        assert (is_audio.any(0) & ~is_audio.all(0)).any()  # a step where one sample chose audio, the other text
+    assert hasattr(model, "_compiled_generation_steps")
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_k(models, golden):
