@@ -304,6 +304,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             return generation_mode
 
         generation_config.get_generation_mode = get_generation_mode
+        if generation_config.compile and generation_config.cache_implementation is None:
+            if model_kwargs.get("cache") is None:  # the compiled decode step needs a static LLM cache
+                generation_config.cache_implementation = "static"
         return generation_config, model_kwargs
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, audio_input_ids=None, **kwargs):
@@ -516,7 +519,10 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             compile_steps = self._valid_auto_compile_criteria(model_kwargs, generation_config)
         if not compile_steps:
             return self._decode_step, self._generate_audio_patch
-        compile_config = generation_config.compile_config or CompileConfig(dynamic=False)
+        compile_config = generation_config.compile_config
+        if compile_config is None:  # static shapes per batch size; CUDA graphs where there is CUDA
+            on_cuda = self.device.type == "cuda"
+            compile_config = CompileConfig(dynamic=False, mode="reduce-overhead" if on_cuda else "default")
         options = compile_config.to_dict()
         if getattr(self, "_compiled_generation_options", None) != options:
             self._compiled_generation_options = options
