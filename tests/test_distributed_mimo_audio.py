@@ -1,0 +1,143 @@
+"""Multi-process LoRA SFT with the Transformers `Trainer` + `MiMoAudioDataCollator` on the tiny model equals one
+process on the same global batch: DDP and FSDP2 (`fully_shard` on every Qwen2 decoder layer: backbone, patch encoder,
+patch decoder) with `accelerate launch` and 2 CPU processes (gloo), and gradient accumulation in one process. The
+FSDP2 run's saved adapter reloads into one process with the same outputs. The runs: tests/distributed/sft_lora.py."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "distributed" / "sft_lora.py"
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+# On a CPU-only host, `--multi_gpu` is the flag that makes `accelerate launch` start N processes with torchrun (`--cpu`
+# starts one); the script's `TrainingArguments(use_cpu=True)` then selects the gloo backend.
+LAUNCHES = {
+    "ddp": ["--multi_gpu", "--num_processes", "2"],
+    "fsdp2": [
+        "--use_fsdp",
+        "--num_processes",
+        "2",
+        "--fsdp_version",
+        "2",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap",
+        "Qwen2DecoderLayer",
+        "--fsdp_state_dict_type",
+        "FULL_STATE_DICT",
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(command: list[str], output_dir: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(
+        [*command, str(SCRIPT), "--output_dir", str(output_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return torch.load(output_dir / "results.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """3 steps of AdamW (lr 1e-2) on a global batch of 4 samples: one process, DDP and FSDP2 over 2 processes."""
+    root = tmp_path_factory.mktemp("distributed")
+    results = {"single": _run([sys.executable], root / "single")}
+    for name, flags in LAUNCHES.items():
+        results[name] = _run([*ACCELERATE, *flags, "--main_process_port", str(_free_port())], root / name)
+    results["single"]["dir"] = root / "single"
+    results["fsdp2"]["dir"] = root / "fsdp2"
+    return results
+
+
+def _assert_same_training(got, expected, parameter_atol=5e-5):
+    # Losses (fp32, averaged over processes by the Trainer): summation order only, 1e-6 relative.
+    assert len(got["losses"]) == len(expected["losses"]) == 3
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), rtol=1e-6, atol=0)
+    assert got["losses"][-1] < got["losses"][0] - 0.5  # it trains
+    names = sorted(expected["parameters"])
+    assert len(names) > 0 and sorted(got["parameters"]) == names == sorted(got["first_gradients"])
+    for name in names:
+        torch.testing.assert_close(got["initial_parameters"][name], expected["initial_parameters"][name], rtol=0, atol=0)
+        # First optimizer step's gradient, tensor by tensor (largest entries ~0.1): reduction order only.
+        torch.testing.assert_close(got["first_gradients"][name], expected["first_gradients"][name], rtol=0, atol=1e-6)
+        # Updates after 3 AdamW steps (~3e-2 each); Adam's normalisation amplifies the 1e-8 gradient differences of
+        # near-zero entries, measured up to 1e-5.
+        got_update = got["parameters"][name] - got["initial_parameters"][name]
+        expected_update = expected["parameters"][name] - expected["initial_parameters"][name]
+        torch.testing.assert_close(got_update, expected_update, rtol=0, atol=parameter_atol)
+    moved = max((expected["parameters"][n] - expected["initial_parameters"][n]).abs().max() for n in names)
+    assert moved > 1e-2
+    torch.testing.assert_close(got["logits"], expected["logits"], rtol=0, atol=1e-4)
+    for got_logits, expected_logits in zip(got["audio_logits"], expected["audio_logits"], strict=True):
+        torch.testing.assert_close(got_logits, expected_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process(runs, strategy):
+    """Losses of 3 steps, the LoRA gradients of step 1 and the LoRA updates after step 3 equal the single-process run
+    on the same global batch (each process gets half; both halves have the same trained-token counts)."""
+    assert runs[strategy]["world_size"] == 2 and runs["single"]["world_size"] == 1
+    _assert_same_training(runs[strategy], runs["single"])
+
+
+def test_gradient_accumulation_equals_one_batch(runs, tmp_path):
+    """Two micro-batches of 2 with gradient accumulation equal one batch of 4: the Trainer divides the model's loss by
+    the accumulation steps (the model declares `accepts_loss_kwargs = False`; without it, the Trainer sums the
+    micro-batch losses and, across processes, multiplies the loss by the process count)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    _assert_same_training(torch.load(tmp_path / "results.pt"), runs["single"])
+
+
+def test_fsdp2_adapter_reloads_into_one_process(runs):
+    """The adapter the FSDP2 run saved (`Trainer.save_model`, full state dict) loads on the base model in one process:
+    its tensors equal the FSDP2 run's trained LoRA parameters exactly, and its text and audio logits equal the
+    single-process run's trained model (1e-4; fp32)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import sft_lora
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from transformers import AutoTokenizer
+
+    from transformers_mimo import MiMoAudioDataCollator
+
+    base = sft_lora.load_model()
+    model = PeftModel.from_pretrained(base, runs["fsdp2"]["dir"] / "adapter").eval()
+    state = sft_lora.lora_state(model)
+    # PEFT names the loaded adapter "default" like the trained one.
+    assert sorted(state) == sorted(runs["fsdp2"]["parameters"])
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, runs["fsdp2"]["parameters"][name], rtol=0, atol=0)
+    tokenizer = AutoTokenizer.from_pretrained(sft_lora.CHECKPOINT)
+    dataset = sft_lora.build_dataset(base.config, tokenizer, 4)
+    batch = MiMoAudioDataCollator(tokenizer, base.config.audio_empty_ids)(dataset[:1])
+    with torch.no_grad():
+        outputs = model(**batch)
+    torch.testing.assert_close(outputs.logits, runs["single"]["logits"], rtol=0, atol=1e-4)
+    for got, expected in zip(outputs.audio_logits, runs["single"]["audio_logits"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    with torch.no_grad(), model.disable_adapter():
+        untrained = model(**batch).logits
+    assert (untrained - outputs.logits).abs().max() > 1e-2  # the adapter matters
