@@ -296,7 +296,16 @@ def compute_logprobs(
     )
     audio_mask = torch.zeros_like(valid)
     audio_mask[:, 1:] = (input_ids[:, 1:] == config.empty_token_id) & valid[:, 1:]
-    if audio_mask.any():
+    if not audio_mask.any():
+        # No audio position: the patch decoder still runs, on one dummy patch whose result is multiplied by 0, so that
+        # its parameters take part in every backward pass (DDP expects the same parameters to get gradients at every
+        # step; here they are used after the wrapper's forward).
+        dummy = torch.zeros((1, config.group_size, config.audio_channels), dtype=torch.long, device=hidden_states.device)
+        unused = core.teacher_forced_audio_logits(hidden_states[:1, 0], dummy)
+        audio_logprobs = audio_logprobs + 0.0 * sum(logits.sum() for logits in unused).float()
+    else:
+        if audio_input_ids is None:
+            raise ValueError("`input_ids` hold audio positions (<|empty|>): pass their codes in `audio_input_ids`.")
         targets = audio_input_ids[audio_mask].to(hidden_states.device)  # (num_patches, group_size, audio_channels)
         previous = audio_mask[:, 1:].to(hidden_states.device)
         channel_logits = core.teacher_forced_audio_logits(hidden_states[:, :-1][previous], targets)

@@ -74,8 +74,9 @@ class MiMoAudioGRPOTrainer(GRPOTrainer):
 
     Distributed: DDP (`accelerate launch --num_processes N`) and DeepSpeed ZeRO-1/2. Generation is per process and
     data-dependent (each sample chooses text or audio at each step), so FSDP and ZeRO-3, whose sharded forward needs
-    every process to run the same modules in step, are refused. With LoRA on the patch decoder and completions without
-    speech (e.g. ASR), set `ddp_find_unused_parameters=True` (the patch decoder then gets no gradient).
+    every process to run the same modules in step, are refused. `ddp_find_unused_parameters` is set to `False`: the
+    patch decoder runs after the DDP wrapper's forward (on no patch when a batch has no audio position), so every
+    trainable parameter gets its gradient at every step.
 
     Args:
         model: a [`MiMoAudioForConditionalGeneration`] (or a PEFT model wrapping one).
@@ -121,6 +122,12 @@ class MiMoAudioGRPOTrainer(GRPOTrainer):
                 f"MiMoAudioGRPOTrainer generates with the model's own `generate` (text and audio channels); "
                 f"{[key for key, value in unsupported.items() if value]} carry text only."
             )
+        if args.ddp_find_unused_parameters:
+            raise ValueError(
+                "MiMoAudioGRPOTrainer needs `ddp_find_unused_parameters=False`: the patch decoder runs after the DDP "
+                "wrapper's forward, which that search would count as unused."
+            )
+        args.ddp_find_unused_parameters = False  # the Trainer turns it on for PEFT models when left unset
         reward_list = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if not all(callable(func) and not isinstance(func, (str, torch.nn.Module)) for func in reward_list):
             raise TypeError("MiMoAudioGRPOTrainer takes reward functions (callables), not reward models.")
