@@ -141,3 +141,35 @@ def test_fsdp2_adapter_reloads_into_one_process(runs):
     with torch.no_grad(), model.disable_adapter():
         untrained = model(**batch).logits
     assert (untrained - outputs.logits).abs().max() > 1e-2  # the adapter matters
+
+
+def test_policy_gradient_through_compute_logprobs_under_ddp(tmp_path):
+    """The backward `MiMoAudioGRPOTrainer` runs (text + audio log-probabilities, LoRA on the LLM and the patch decoder)
+    gives the same LoRA gradients under DDP (2 processes, one half each; the patch decoder runs after the wrapper's
+    forward, and on a dummy patch on the process without audio) as one process on the whole batch: exactly equal here,
+    asserted to 1e-6."""
+    script = REPO / "tests" / "distributed" / "logprobs_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    results = {}
+    for name, command in (
+        ("single", [sys.executable]),
+        ("ddp", [*ACCELERATE, *LAUNCHES["ddp"], "--main_process_port", str(_free_port())]),
+    ):
+        (tmp_path / name).mkdir()
+        done = subprocess.run(
+            [*command, str(script), "--output_dir", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-5000:]
+        results[name] = torch.load(tmp_path / name / "results.pt")
+    single, ddp = results["single"], results["ddp"]
+    assert single["world_size"] == 1 and ddp["world_size"] == 2
+    torch.testing.assert_close(ddp["losses"], single["losses"], rtol=0, atol=1e-6)
+    assert sorted(ddp["gradients"]) == sorted(single["gradients"])
+    for name, gradient in single["gradients"].items():
+        torch.testing.assert_close(ddp["gradients"][name], gradient, rtol=0, atol=1e-6)
+    decoder = [name for name, gradient in single["gradients"].items() if "patch_decoder" in name and gradient.any()]
+    assert len(decoder) >= 8  # the audio codes' log-probabilities reach the patch decoder's LoRA
