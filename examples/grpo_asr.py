@@ -109,7 +109,9 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = MiMoAudioForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
     # The codec encodes the prompts' audio on this process's device.
-    processor = MiMoAudioProcessor.from_pretrained(args.model, audio_tokenizer=args.audio_tokenizer, device=state.device)
+    processor = MiMoAudioProcessor.from_pretrained(
+        args.model, audio_tokenizer=args.audio_tokenizer, device=state.device
+    )
     records = DEFAULT_DATA
     if args.data:
         lines = Path(args.data).read_text(encoding="utf-8").splitlines()

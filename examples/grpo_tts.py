@@ -96,9 +96,7 @@ def build_dataset(texts: list[str], rows: int) -> Dataset:
     """One TTS request per text (as the original's TTS prompt), repeated to at least `rows` rows."""
     prompts = [
         {
-            "prompt": [
-                {"role": "user", "content": f"{TTS_INSTRUCTION['zh' if _CJK.search(t) else 'en']}: {t}"}
-            ],
+            "prompt": [{"role": "user", "content": f"{TTS_INSTRUCTION['zh' if _CJK.search(t) else 'en']}: {t}"}],
             "text": t,
         }
         for t in texts
@@ -113,7 +111,9 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = MiMoAudioForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
     # The codec decodes the generated speech for the reward on this process's device.
-    processor = MiMoAudioProcessor.from_pretrained(args.model, audio_tokenizer=args.audio_tokenizer, device=state.device)
+    processor = MiMoAudioProcessor.from_pretrained(
+        args.model, audio_tokenizer=args.audio_tokenizer, device=state.device
+    )
     texts = DEFAULT_TEXTS
     if args.data:
         texts = [line.strip() for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -71,7 +71,9 @@ def _assert_same_training(got, expected, parameter_atol=5e-5):
     names = sorted(expected["parameters"])
     assert len(names) > 0 and sorted(got["parameters"]) == names == sorted(got["first_gradients"])
     for name in names:
-        torch.testing.assert_close(got["initial_parameters"][name], expected["initial_parameters"][name], rtol=0, atol=0)
+        torch.testing.assert_close(
+            got["initial_parameters"][name], expected["initial_parameters"][name], rtol=0, atol=0
+        )
         # First optimizer step's gradient, tensor by tensor (largest entries ~0.1): reduction order only.
         torch.testing.assert_close(got["first_gradients"][name], expected["first_gradients"][name], rtol=0, atol=1e-6)
         # Updates after 3 AdamW steps (~3e-2 each); Adam's normalisation amplifies the 1e-8 gradient differences of

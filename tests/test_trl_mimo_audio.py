@@ -47,7 +47,10 @@ def _speech_prompts():
         [
             {
                 "role": "user",
-                "content": [{"type": "audio", "audio_codes": codes[:, :frames]}, {"type": "text", "text": "transcribe"}],
+                "content": [
+                    {"type": "audio", "audio_codes": codes[:, :frames]},
+                    {"type": "text", "text": "transcribe"},
+                ],
             }
         ]
         for frames in (8, 14)
@@ -100,7 +103,12 @@ def _train_one_step(processor, prompts, output_modality, tmp_path, rewards_seen,
 
     def reward(prompts, completions, completion_ids, completion_audio, completion_audio_codes, **kwargs):
         rewards_seen.append(
-            {"completions": completions, "audio": completion_audio, "codes": completion_audio_codes, "ids": completion_ids}
+            {
+                "completions": completions,
+                "audio": completion_audio,
+                "codes": completion_audio_codes,
+                "ids": completion_ids,
+            }
         )
         # Longer speech is better (rows without speech: 0), and longer text as a tie-breaker: varies within groups.
         return [
@@ -166,7 +174,10 @@ def _assert_trl_logps_equal_compute_logprobs(trainer, rollouts):
         assert masks[candidate, prompt_length:].sum() == length
         # The audio channel TRL scored is the one generate produced (prompt speech and completion patches).
         audio = policy_pass["audio_input_ids"][row]
-        assert torch.equal(audio[:-keep][mask[:-keep]], audio_sequences[candidate, :prompt_length][masks[candidate, :prompt_length].bool()])
+        assert torch.equal(
+            audio[:-keep][mask[:-keep]],
+            audio_sequences[candidate, :prompt_length][masks[candidate, :prompt_length].bool()],
+        )
         assert torch.equal(audio[-keep:][:length], audio_sequences[candidate, prompt_length : prompt_length + length])
         torch.testing.assert_close(
             policy_pass["logps"][row, :length],
@@ -186,7 +197,7 @@ def test_grpo_step_with_speech_prompts(processor, tmp_path):
     rewards_seen = []
     trainer, rollouts, moved = _train_one_step(processor, _speech_prompts(), "text", tmp_path, rewards_seen)
     _assert_trl_logps_equal_compute_logprobs(trainer, rollouts)
-    sequences, audio_sequences, masks, prompt_length, _, _ = rollouts[0]
+    _, audio_sequences, _, prompt_length, _, _ = rollouts[0]
     empty = torch.tensor(processor.audio_empty_ids)
     prompt_speech = (audio_sequences[:, :prompt_length] != empty).any(-1).any(-1).sum(-1)
     assert (prompt_speech >= 2).all()  # every prompt carries its speech patches into generate
@@ -209,7 +220,7 @@ def test_grpo_step_with_speech_completions(processor, tmp_path):
     empty_bias = {"sequence_bias": {(processor.empty_token_id,): 4.0}}
     trainer, rollouts, moved = _train_one_step(processor, prompts, "audio", tmp_path, rewards_seen, **empty_bias)
     _assert_trl_logps_equal_compute_logprobs(trainer, rollouts)
-    sequences, audio_sequences, masks, prompt_length, per_position, audio_part = rollouts[0]
+    sequences, _, masks, prompt_length, _, audio_part = rollouts[0]
     assert (sequences[:, prompt_length - 1] == processor.sostm_token_id).all()
     completion_audio = (sequences[:, prompt_length:] == processor.empty_token_id) & masks[:, prompt_length:].bool()
     assert completion_audio.sum() >= 8
@@ -230,13 +241,15 @@ def test_grpo_step_with_speech_completions(processor, tmp_path):
 def test_trainer_rejects_unsupported_setups(processor, tmp_path):
     policy = _policy()
     dataset = Dataset.from_list([{"prompt": prompt} for prompt in _speech_prompts()])
-    args = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=2,
-                      per_device_train_batch_size=2)
+    args = GRPOConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=2, per_device_train_batch_size=2
+    )
     with pytest.raises(TypeError, match="MiMoAudioProcessor"):
         MiMoAudioGRPOTrainer(policy, lambda **kw: [0.0], processor.tokenizer, args=args, train_dataset=dataset)
     with pytest.raises(ValueError, match="output_modality"):
-        MiMoAudioGRPOTrainer(policy, lambda **kw: [0.0], processor, args=args, train_dataset=dataset,
-                             output_modality="speech")
+        MiMoAudioGRPOTrainer(
+            policy, lambda **kw: [0.0], processor, args=args, train_dataset=dataset, output_modality="speech"
+        )
     with pytest.raises(TypeError, match="reward functions"):
         MiMoAudioGRPOTrainer(policy, "some/reward-model", processor, args=args, train_dataset=dataset)
 
@@ -260,12 +273,26 @@ def test_examples_run_with_two_processes(example, extra, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(port), str(repo / "examples" / example),
-        "--model", str(CHECKPOINT), "--audio_tokenizer", str(CODEC), "--use_cpu", "--output_dir", str(tmp_path), *extra,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        str(repo / "examples" / example),
+        "--model",
+        str(CHECKPOINT),
+        "--audio_tokenizer",
+        str(CODEC),
+        "--use_cpu",
+        "--output_dir",
+        str(tmp_path),
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     rewards = [float(value) for value in re.findall(r"step \d+: reward (-?[\d.]+)", done.stdout)]
     assert len(rewards) == 2, done.stdout[-3000:]

@@ -187,7 +187,9 @@ class MiMoAudioGRPOTrainer(GRPOTrainer):
         """Pads `(length, group_size, audio_channels)` rows as TRL pads the ids (same side, multiple) with empty ids."""
         empty = torch.tensor(self.processor.audio_empty_ids, dtype=torch.long)
         audio = pad([row.cpu() for row in rows], 0, padding_side, self.pad_to_multiple_of)
-        valid = pad([torch.ones(row.shape[0], dtype=torch.bool) for row in rows], 0, padding_side, self.pad_to_multiple_of)
+        valid = pad(
+            [torch.ones(row.shape[0], dtype=torch.bool) for row in rows], 0, padding_side, self.pad_to_multiple_of
+        )
         return torch.where(valid[..., None, None], audio, empty)
 
     # ---------------------------------------------------------------------------------------------- generation
