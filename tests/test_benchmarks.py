@@ -66,3 +66,16 @@ def test_weight_reads_counts_every_patch_decoder_step(bench_generate):
     assert patch_reads > config.patch_decoder_steps * 2 * layer_params
     text_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
     assert llm_reads > 2 * text_layer + model.lm_head.weight.numel()
+
+
+def test_rollout_times_on_a_tiny_model(bench_generate):
+    """bench_rollouts.py's timing loop on a tiny config: both workloads generate what they claim (checked inside) and
+    every time is positive."""
+    spec = importlib.util.spec_from_file_location("bench_rollouts", BENCHMARKS / "bench_rollouts.py")
+    bench_rollouts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_rollouts)
+    model = _tiny_model(bench_generate)
+    for workload in ("speech", "text"):
+        results = bench_rollouts.rollout_times(model, [1, 3], 6, 3, workload, 1, torch.device("cpu"))
+        assert list(results) == [1, 3]
+        assert all(generate > 0 and score > 0 for generate, score in results.values())
