@@ -299,3 +299,27 @@ def test_examples_run_with_two_processes(example, extra, tmp_path):
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
     if example == "grpo_tts.py":
         assert sum(rewards) / 2 > -1.5 + 0.1
+
+
+def test_compute_logprobs_text_entropy_and_missing_audio():
+    """`return_entropy=True` (TRL's `entropy` metric): entry t is the entropy of the text distribution position t was
+    drawn from, computed here from the model's logits (1e-5); 0 at t = 0 and at padding. Audio positions without
+    `audio_input_ids` are refused."""
+    model = MiMoAudioForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    input_ids = torch.tensor([[400, 401, 11, 23, 57, 402], [401, 64, 82, 198, 401, 5]])
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        scored = compute_logprobs(model, input_ids, attention_mask=attention_mask, temperature=0.7, return_entropy=True)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1] / 0.7
+    probabilities = logits.softmax(-1)
+    expected = -(probabilities * probabilities.log()).sum(-1)
+    torch.testing.assert_close(
+        scored.text_entropy[:, 1:][attention_mask[:, 1:].bool()],
+        expected[attention_mask[:, 1:].bool()],
+        rtol=0,
+        atol=1e-5,
+    )
+    assert scored.text_entropy[0, 0] == 0 and scored.text_entropy[1, 0] == 0 and (scored.text_entropy[1, 1:] > 0).all()
+    assert compute_logprobs(model, input_ids).text_entropy is None
+    with pytest.raises(ValueError, match="audio_input_ids"):
+        compute_logprobs(model, torch.tensor([[401, model.config.empty_token_id, 5]]))
