@@ -1,7 +1,8 @@
-"""Multi-process LoRA SFT with the Transformers `Trainer` + `MiMoAudioDataCollator` on the tiny model equals one
-process on the same global batch: DDP and FSDP2 (`fully_shard` on every Qwen2 decoder layer: backbone, patch encoder,
-patch decoder) with `accelerate launch` and 2 CPU processes (gloo), and gradient accumulation in one process. The
-FSDP2 run's saved adapter reloads into one process with the same outputs. The runs: tests/distributed/sft_lora.py."""
+"""Multi-process LoRA SFT with `MiMoAudioDataCollator` on the tiny model equals one process on the same global batch:
+the Transformers `Trainer` under DDP (`accelerate launch`, 2 CPU processes, gloo), FSDP2 (`fully_shard` on every
+Qwen2 decoder layer: backbone, patch encoder, patch decoder; launched the same way) and gradient accumulation in one
+process. The FSDP2 run's sharded checkpoint reloads into one process with the same outputs. The runs:
+tests/distributed/sft_lora.py (which says why FSDP2 runs without the `Trainer` on CPU)."""
 
 import os
 import socket
@@ -17,23 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "distributed" / "sft_lora.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 # On a CPU-only host, `--multi_gpu` is the flag that makes `accelerate launch` start N processes with torchrun (`--cpu`
-# starts one); the script's `TrainingArguments(use_cpu=True)` then selects the gloo backend.
-LAUNCHES = {
-    "ddp": ["--multi_gpu", "--num_processes", "2"],
-    "fsdp2": [
-        "--use_fsdp",
-        "--num_processes",
-        "2",
-        "--fsdp_version",
-        "2",
-        "--fsdp_auto_wrap_policy",
-        "TRANSFORMER_BASED_WRAP",
-        "--fsdp_transformer_layer_cls_to_wrap",
-        "Qwen2DecoderLayer",
-        "--fsdp_state_dict_type",
-        "FULL_STATE_DICT",
-    ],
-}
+# starts one); `use_cpu=True` / `PartialState(cpu=True)` in the script then selects the gloo backend.
+LAUNCH = ["--multi_gpu", "--num_processes", "2"]
+ENGINES = {"ddp": [], "fsdp2": ["--engine", "fsdp2"]}
 
 
 def _free_port() -> int:
@@ -42,10 +29,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], output_dir: Path) -> dict:
+def _run(command: list[str], output_dir: Path, *script_args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(
-        [*command, str(SCRIPT), "--output_dir", str(output_dir)], env=env, capture_output=True, text=True, timeout=300
+        [*command, str(SCRIPT), "--output_dir", str(output_dir), *script_args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return torch.load(output_dir / "results.pt")
@@ -56,9 +48,9 @@ def runs(tmp_path_factory):
     """3 steps of AdamW (lr 1e-2) on a global batch of 4 samples: one process, DDP and FSDP2 over 2 processes."""
     root = tmp_path_factory.mktemp("distributed")
     results = {"single": _run([sys.executable], root / "single")}
-    for name, flags in LAUNCHES.items():
-        results[name] = _run([*ACCELERATE, *flags, "--main_process_port", str(_free_port())], root / name)
-    results["single"]["dir"] = root / "single"
+    for name, engine in ENGINES.items():
+        launcher = [*ACCELERATE, *LAUNCH, "--main_process_port", str(_free_port())]
+        results[name] = _run(launcher, root / name, *engine)
     results["fsdp2"]["dir"] = root / "fsdp2"
     return results
 
@@ -93,6 +85,8 @@ def test_two_processes_equal_one_process(runs, strategy):
     """Losses of 3 steps, the LoRA gradients of step 1 and the LoRA updates after step 3 equal the single-process run
     on the same global batch (each process gets half; both halves have the same trained-token counts)."""
     assert runs[strategy]["world_size"] == 2 and runs["single"]["world_size"] == 1
+    if strategy == "fsdp2":
+        assert runs[strategy]["units"] == 6  # 2 backbone + 2 patch encoder + 2 patch decoder layers, plus the root
     _assert_same_training(runs[strategy], runs["single"])
 
 
@@ -112,37 +106,49 @@ def test_gradient_accumulation_equals_one_batch(runs, tmp_path):
     _assert_same_training(torch.load(tmp_path / "results.pt"), runs["single"])
 
 
-def test_fsdp2_adapter_reloads_into_one_process(runs):
-    """The adapter the FSDP2 run saved (`Trainer.save_model`, full state dict) loads on the base model in one process:
-    its tensors equal the FSDP2 run's trained LoRA parameters exactly, and its text and audio logits equal the
-    single-process run's trained model (1e-4; fp32)."""
+def test_fsdp2_sharded_checkpoint_reloads_into_one_process(runs, tmp_path):
+    """The FSDP2 run's checkpoint (`torch.distributed.checkpoint`, one shard file per process) is converted with
+    `dcp_to_torch_save` and loaded into the LoRA model in one process: every tensor is there, the LoRA weights equal
+    the FSDP2 run's (gathered) exactly, and the text and audio logits equal the single-process run's trained model
+    (1e-4; fp32). Saved as a PEFT adapter from there, it reloads with `PeftModel.from_pretrained` unchanged."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoTokenizer
+
+    from transformers_mimo import MiMoAudioDataCollator
+
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import sft_lora
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    from transformers import AutoTokenizer
 
-    from transformers_mimo import MiMoAudioDataCollator
-
-    base = sft_lora.load_model()
-    model = PeftModel.from_pretrained(base, runs["fsdp2"]["dir"] / "adapter").eval()
+    checkpoint = runs["fsdp2"]["dir"] / "checkpoint"
+    assert len(list(checkpoint.glob("*.distcp"))) == 2
+    dcp_to_torch_save(checkpoint, tmp_path / "full.pt")
+    model = sft_lora.lora_model(sft_lora.load_model()).eval()
+    model.load_state_dict(torch.load(tmp_path / "full.pt"), strict=True)
     state = sft_lora.lora_state(model)
-    # PEFT names the loaded adapter "default" like the trained one.
     assert sorted(state) == sorted(runs["fsdp2"]["parameters"])
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, runs["fsdp2"]["parameters"][name], rtol=0, atol=0)
+
     tokenizer = AutoTokenizer.from_pretrained(sft_lora.CHECKPOINT)
-    dataset = sft_lora.build_dataset(base.config, tokenizer, 4)
-    batch = MiMoAudioDataCollator(tokenizer, base.config.audio_empty_ids)(dataset[:1])
+    batch = MiMoAudioDataCollator(tokenizer, model.config.audio_empty_ids)(
+        sft_lora.build_dataset(model.config, tokenizer, 4)[:1]
+    )
     with torch.no_grad():
         outputs = model(**batch)
+        with model.disable_adapter():
+            untrained = model(**batch).logits
     torch.testing.assert_close(outputs.logits, runs["single"]["logits"], rtol=0, atol=1e-4)
     for got, expected in zip(outputs.audio_logits, runs["single"]["audio_logits"], strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    with torch.no_grad(), model.disable_adapter():
-        untrained = model(**batch).logits
     assert (untrained - outputs.logits).abs().max() > 1e-2  # the adapter matters
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(sft_lora.load_model(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, outputs.logits, rtol=0, atol=0)
 
 
 def test_policy_gradient_through_compute_logprobs_under_ddp(tmp_path):
@@ -155,7 +161,7 @@ def test_policy_gradient_through_compute_logprobs_under_ddp(tmp_path):
     results = {}
     for name, command in (
         ("single", [sys.executable]),
-        ("ddp", [*ACCELERATE, *LAUNCHES["ddp"], "--main_process_port", str(_free_port())]),
+        ("ddp", [*ACCELERATE, *LAUNCH, "--main_process_port", str(_free_port())]),
     ):
         (tmp_path / name).mkdir()
         done = subprocess.run(

@@ -1,11 +1,16 @@
-"""LoRA SFT of the tiny MiMo-Audio model with the Transformers `Trainer` and `MiMoAudioDataCollator`, for comparing a
-single process with `accelerate launch --num_processes 2` (DDP, or FSDP2 with the backbone, patch encoder and patch
-decoder layers as units). `tests/test_distributed_mimo_audio.py` runs it; by hand:
+"""LoRA SFT of the tiny MiMo-Audio model with `MiMoAudioDataCollator`, one process against 2 processes on CPU (gloo):
+the Transformers `Trainer` in one process and under DDP (`accelerate launch --multi_gpu --num_processes 2`), and
+FSDP2 (`--engine fsdp2`: torch's `fully_shard` on every Qwen2 decoder layer, i.e. the backbone, patch encoder and
+patch decoder layers, then on the root). `tests/test_distributed_mimo_audio.py` runs it; by hand:
 
-    accelerate launch --cpu --num_processes 2 tests/distributed/sft_lora.py --output_dir /tmp/ddp
-    accelerate launch --cpu --num_processes 2 --use_fsdp --fsdp_version 2 \
-        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap Qwen2DecoderLayer \
-        --fsdp_state_dict_type FULL_STATE_DICT tests/distributed/sft_lora.py --output_dir /tmp/fsdp2
+    python tests/distributed/sft_lora.py --output_dir /tmp/single
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/sft_lora.py --output_dir /tmp/ddp
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/sft_lora.py --engine fsdp2 --output_dir /tmp/fsdp2
+
+Why FSDP2 without the `Trainer` here: Accelerate 1.16 turns FSDP on only for accelerator backends; with
+`TrainingArguments(use_cpu=True)` the state is MULTI_CPU and `accelerate launch --use_fsdp` silently trains with DDP.
+The FSDP2 engine therefore runs the `Trainer`'s update by hand: the model's loss, gradient clipping at the `Trainer`'s
+`max_grad_norm` (1.0), AdamW with its defaults and a constant learning rate.
 
 The dataset is one global batch of `--global_batch` spoken-dialogue samples (user speech in, assistant text + speech
 out) with the same layout and different codes, so every process's share has the same number of trained text tokens
@@ -14,10 +19,12 @@ only then (as for any model under data parallelism). Each step is one epoch over
 the same whatever order the sampler draws. The patch encoder and decoder attention dropout is set to 0, so runs are
 deterministic.
 
-Rank 0 writes `results.pt` to `--output_dir`: the loss of each step (`Trainer` averages it over processes), the LoRA
-gradients of the first optimizer step (after the all-reduce / reduce-scatter, gathered to full tensors), the LoRA
-parameters before the first and after the last step and the text and audio logits of the trained model on the first sample. The adapter is saved to
-`--output_dir/adapter` with `Trainer.save_model`.
+Rank 0 writes `results.pt` to `--output_dir`: the loss of each step (averaged over processes), the LoRA gradients of
+the first optimizer step (after the all-reduce / reduce-scatter and the clipping, gathered to full tensors), the LoRA
+parameters before the first and after the last step and the text and audio logits of the trained model on the first
+sample. The `Trainer` engines save the adapter to `--output_dir/adapter` (`Trainer.save_model`); the FSDP2 engine
+writes a sharded `torch.distributed.checkpoint` of the model's state to `--output_dir/checkpoint` (each process its
+shards).
 """
 
 import argparse
@@ -26,8 +33,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from accelerate import PartialState
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from transformers_mimo import (
     MiMoAudioConfig,
@@ -104,7 +117,7 @@ def lora_state(model, attribute=None) -> dict[str, torch.Tensor]:
 
 
 class _RecordFirstGradients(TrainerCallback):
-    """Keeps the LoRA gradients of the first optimizer step (after DDP's all-reduce / FSDP's reduce-scatter)."""
+    """Keeps the LoRA gradients of the first optimizer step (after DDP's all-reduce and the clipping)."""
 
     def __init__(self):
         self.gradients = None
@@ -178,13 +191,73 @@ def train(
     return results
 
 
+def train_fsdp2(output_dir: str, steps: int, global_batch: int, learning_rate: float = 1e-2) -> dict:
+    """The `Trainer`'s update (loss, clipping at 1.0, AdamW, constant learning rate) on a `fully_shard`ed model."""
+    torch.set_num_threads(1)
+    state = PartialState(cpu=True)  # gloo process group from the launcher's environment
+    world_size, rank = state.num_processes, state.process_index
+    if global_batch % world_size:
+        raise ValueError(f"--global_batch {global_batch} must split into {world_size} equal micro-batches.")
+    torch.manual_seed(0)
+    model = load_model()
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    dataset = build_dataset(model.config, tokenizer, global_batch)
+    collator = MiMoAudioDataCollator(tokenizer, model.config.audio_empty_ids)
+    model = lora_model(model)
+    initial_parameters = lora_state(model)
+    units = [module for module in model.modules() if isinstance(module, Qwen2DecoderLayer)]
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    share = global_batch // world_size
+    batch = collator(dataset[rank * share : (rank + 1) * share])
+    losses, first_gradients = [], None
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        if first_gradients is None:
+            first_gradients = lora_state(model, "grad")
+        optimizer.step()
+        optimizer.zero_grad()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(mean_loss.item() / world_size)
+    parameters = lora_state(model)
+    dcp.save(get_model_state_dict(model), checkpoint_id=str(Path(output_dir) / "checkpoint"))
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(**collator(dataset[:1]))
+    results = {
+        "world_size": world_size,
+        "units": len(units),
+        "losses": losses,
+        "first_gradients": first_gradients,
+        "initial_parameters": initial_parameters,
+        "parameters": parameters,
+        "logits": outputs.logits.detach().cpu(),
+        "audio_logits": [logits.detach().cpu() for logits in outputs.audio_logits],
+    }
+    if state.is_main_process:
+        torch.save(results, Path(output_dir) / "results.pt")
+    state.wait_for_everyone()
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--global_batch", type=int, default=4)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--engine", choices=["trainer", "fsdp2"], default="trainer")
     args = parser.parse_args(argv)
+    if args.engine == "fsdp2":
+        return train_fsdp2(args.output_dir, args.steps, args.global_batch)
     return train(args.output_dir, args.steps, args.global_batch, args.gradient_accumulation_steps)
 
 
