@@ -135,7 +135,9 @@ def main():
         f"mid-size model, {parameters:.0f}M parameters{' with LoRA r 16' if args.lora else ''}, fp32; prompt "
         f"{args.prompt_length} positions, {args.completion_length} sampled positions per rollout\n"
     )
-    print("| workload | rollouts per generate | generate (s) | rollouts/s | vs one call per rollout | scoring pass (s) |")
+    print(
+        "| workload | rollouts per generate | generate (s) | rollouts/s | vs one call per rollout | scoring pass (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for workload in args.workloads:
         results = rollout_times(
@@ -146,7 +148,9 @@ def main():
             rate = size / generate_time
             single = single or (rate if size == 1 else None)
             ratio = f"{rate / single:.2f}x" if single else "-"
-            print(f"| {workload} | {size} | {generate_time:.3f} | {rate:.1f} | {ratio} | {score_time:.3f} |", flush=True)
+            print(
+                f"| {workload} | {size} | {generate_time:.3f} | {rate:.1f} | {ratio} | {score_time:.3f} |", flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def main(argv=None) -> list[dict]:
     state = PartialState(cpu=args.use_cpu)
     model = MiMoAudioForConditionalGeneration.from_pretrained(args.model)
     # The codec encodes the samples' audio once, on this process's device.
-    processor = MiMoAudioProcessor.from_pretrained(args.model, audio_tokenizer=args.audio_tokenizer, device=state.device)
+    processor = MiMoAudioProcessor.from_pretrained(
+        args.model, audio_tokenizer=args.audio_tokenizer, device=state.device
+    )
     records = DEFAULT_DATA
     if args.data:
         lines = Path(args.data).read_text(encoding="utf-8").splitlines()
