@@ -56,3 +56,16 @@ def test_generation_memory_traces_every_step(bench_generate):
     trace = bench_generate.MemoryTrace(model.device)
     bench_generate.forced_audio_generate(model, bench_generate.random_prompt(model, 1, 4), 3, "eager", streamer=trace)
     assert len(trace.samples) == 3 and min(trace.samples) > 0
+
+
+def test_rollout_times_on_a_tiny_model(bench_generate):
+    """bench_rollouts.py's timing loop on a tiny config: both workloads generate what they claim (checked inside) and
+    every time is positive."""
+    spec = importlib.util.spec_from_file_location("bench_rollouts", BENCHMARKS / "bench_rollouts.py")
+    bench_rollouts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_rollouts)
+    model = _tiny_model(bench_generate)
+    for workload in ("speech", "text"):
+        results = bench_rollouts.rollout_times(model, [1, 3], 6, 3, workload, 1, torch.device("cpu"))
+        assert list(results) == [1, 3]
+        assert all(generate > 0 and score > 0 for generate, score in results.values())

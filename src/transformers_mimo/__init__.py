@@ -116,3 +116,12 @@ __all__ = [
     "htk_mel_filter_bank",
     "resample_waveform",
 ]
+
+
+def __getattr__(name):
+    # TRL is optional (the `[rl]` extra): its trainer is imported on first use.
+    if name == "MiMoAudioGRPOTrainer":
+        from .trl_mimo_audio import MiMoAudioGRPOTrainer
+
+        return MiMoAudioGRPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

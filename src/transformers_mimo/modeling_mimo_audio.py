@@ -458,6 +458,10 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     # Left unquantized by bitsandbytes / torchao (only the LLM's linear layers are quantized; `lm_head` is skipped by
     # Transformers' default) and kept in fp32 when loading in fp16. Measurements: docs/quantization.md.
     _keep_in_fp32_modules = ["model.audio_embeddings", "model.patch_encoder", "patch_decoder"]
+    # The loss is the official recipe's own mean (weighted text tokens, patches per codebook), not a sum over
+    # `num_items_in_batch`: the `Trainer` must divide it by the gradient accumulation steps and must not multiply it by
+    # the number of processes (which it does for models that take loss kwargs).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MiMoAudioConfig):
         super().__init__(config)

@@ -226,11 +226,16 @@ class MiMoAudioLogProbs(ModelOutput):
             codebook's empty id banned as in generation. Defined where `audio_mask` is True, 0 elsewhere.
         audio_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`):
             True at audio positions (`input_ids == <|empty|>`, not padding, `t >= 1`).
+        text_entropy (`torch.FloatTensor` of shape `(batch_size, seq_len)`, *optional*, returned with
+            `return_entropy=True`):
+            Entry `t` is the entropy of the text distribution that `input_ids[:, t]` was drawn from (after the
+            temperature); 0 at `t = 0` and at padding.
     """
 
     text_logprobs: torch.FloatTensor | None = None
     audio_logprobs: torch.FloatTensor | None = None
     audio_mask: torch.BoolTensor | None = None
+    text_entropy: torch.FloatTensor | None = None
 
 
 def compute_logprobs(
@@ -240,6 +245,7 @@ def compute_logprobs(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     audio_temperature: float = 1.0,
+    return_entropy: bool = False,
 ) -> MiMoAudioLogProbs:
     r"""
     Per-position log-probabilities of the given text tokens and audio codes, teacher-forced in one forward pass: the
@@ -254,6 +260,7 @@ def compute_logprobs(
             aligned audio channel (e.g. `generate(...).audio_sequences`). Needed when `input_ids` holds `<|empty|>`.
         attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*): 0 at padding (left or right).
         temperature, audio_temperature (`float`, defaults to 1.0): divide the text / audio logits first.
+        return_entropy (`bool`, defaults to `False`): also return `text_entropy`.
 
     Returns:
         [`MiMoAudioLogProbs`]; select the completion with your own mask (e.g. positions `>= prompt_length`).
@@ -262,7 +269,10 @@ def compute_logprobs(
         raise ValueError(f"Temperatures must be positive, got {temperature} and {audio_temperature}.")
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
-    config = model.config
+    # Under DDP, the forward goes through the wrapper (which arms the gradient all-reduce); the patch decoder, called
+    # afterwards, is reached on the wrapped module.
+    core = getattr(model, "module", model)
+    config = core.config
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     valid = attention_mask.bool()
@@ -271,8 +281,13 @@ def compute_logprobs(
     )
 
     logits = outputs.logits[:, :-1].float() / temperature
-    text = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
+    log_probs = logits.log_softmax(-1)
+    text = log_probs.gather(-1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
     text_logprobs = F.pad(text, (1, 0)).masked_fill(~valid.to(text.device), 0.0)
+    text_entropy = None
+    if return_entropy:
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        text_entropy = F.pad(entropy, (1, 0)).masked_fill(~valid.to(entropy.device), 0.0)
 
     batch_size, seq_len = input_ids.shape
     hidden_states = outputs.last_hidden_state
@@ -281,10 +296,19 @@ def compute_logprobs(
     )
     audio_mask = torch.zeros_like(valid)
     audio_mask[:, 1:] = (input_ids[:, 1:] == config.empty_token_id) & valid[:, 1:]
-    if audio_mask.any():
+    if not audio_mask.any():
+        # No audio position: the patch decoder still runs, on one dummy patch whose result is multiplied by 0, so that
+        # its parameters take part in every backward pass (DDP expects the same parameters to get gradients at every
+        # step; here they are used after the wrapper's forward).
+        dummy = torch.zeros((1, config.group_size, config.audio_channels), dtype=torch.long, device=hidden_states.device)
+        unused = core.teacher_forced_audio_logits(hidden_states[:1, 0], dummy)
+        audio_logprobs = audio_logprobs + 0.0 * sum(logits.sum() for logits in unused).float()
+    else:
+        if audio_input_ids is None:
+            raise ValueError("`input_ids` hold audio positions (<|empty|>): pass their codes in `audio_input_ids`.")
         targets = audio_input_ids[audio_mask].to(hidden_states.device)  # (num_patches, group_size, audio_channels)
         previous = audio_mask[:, 1:].to(hidden_states.device)
-        channel_logits = model.teacher_forced_audio_logits(hidden_states[:, :-1][previous], targets)
+        channel_logits = core.teacher_forced_audio_logits(hidden_states[:, :-1][previous], targets)
         patch_logprobs = []
         for channel, channel_logit in enumerate(channel_logits):
             scores = channel_logit.float() / audio_temperature
@@ -293,7 +317,9 @@ def compute_logprobs(
         audio_logprobs = audio_logprobs.index_put(
             (audio_mask.to(hidden_states.device),), torch.stack(patch_logprobs, -1)
         )
-    return MiMoAudioLogProbs(text_logprobs=text_logprobs, audio_logprobs=audio_logprobs, audio_mask=audio_mask)
+    return MiMoAudioLogProbs(
+        text_logprobs=text_logprobs, audio_logprobs=audio_logprobs, audio_mask=audio_mask, text_entropy=text_entropy
+    )
 
 
 __all__ = [
