@@ -19,7 +19,12 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 
 from .audio_utils import htk_mel_filter_bank, resample_waveform
-from .configuration_mimo_audio import MiMoAudioConfig, MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
+from .configuration_mimo_audio import (
+    MiMoAudioConfig,
+    MiMoAudioPatchDecoderConfig,
+    MiMoAudioPatchEncoderConfig,
+    route_original_checkpoints_to_mimo_audio,
+)
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
@@ -68,6 +73,8 @@ AutoModel.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=
 AutoModelForTextToWaveform.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
 AutoTokenizer.register(MiMoAudioConfig, tokenizer_class=Qwen2Tokenizer, exist_ok=True)
+# Original MiMo-Audio / MiMo-V2.5-ASR directories say `model_type: "qwen2"`: the Auto classes read them as MiMo-Audio.
+route_original_checkpoints_to_mimo_audio()
 # Original MiMo-Audio checkpoints (flat `model.*`, `speech_embeddings.*`, `local_transformer.*`, ...) load directly.
 register_checkpoint_conversion_mapping(
     "MiMoAudioForConditionalGeneration",
