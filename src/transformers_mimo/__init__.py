@@ -46,6 +46,7 @@ from .modeling_mimo_audio_tokenizer import (
     convert_original_state_dict,
 )
 from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
+from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe
 from .training_mimo_audio import (
     LORA_TARGET_MODULES,
     QUANTIZATION_SKIP_MODULES,
@@ -117,9 +118,13 @@ __all__ = [
     "MiMoAudioTokenizerPreTrainedModel",
     "MiMoAudioTokenizerStreamingCache",
     "MiMoAudioTokenizerStreamingDecoderOutput",
+    "Transcription",
+    "TranscriptionSegment",
     "compute_logprobs",
     "convert_original_state_dict",
+    "find_speech_segments",
     "get_lora_target_modules",
     "htk_mel_filter_bank",
     "resample_waveform",
+    "transcribe",
 ]
