@@ -8,8 +8,9 @@
     result.text                      # the whole transcript
     result.segments[0].start, .end   # seconds in the recording, .text the segment's transcript
 
-The recording is cut into segments of at most `max_segment_seconds` (default 30 s, what MiMo-V2.5-ASR encodes as one
-chunk and what both model families were trained on):
+A recording no longer than `max_segment_seconds` (default 30 s, what MiMo-V2.5-ASR encodes as one chunk) is
+transcribed whole, as `processor.asr` reads it, unless it holds no speech at all. A longer one is cut into segments of
+at most that length:
 
 1. Voice activity: which 10 ms frames hold speech. By default Silero VAD (MIT, its model ships inside the
    `silero-vad` wheel and runs on CPU without network: `pip install transformers-mimo[asr]`); without it, or with
@@ -27,9 +28,11 @@ recording's waveform (96 kB per second at 24 kHz) plus one batch of segments thr
 grows with `batch_size` and `max_segment_seconds`, not with the length of the recording.
 """
 
+import functools
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -97,12 +100,21 @@ def _energy_activity(energy: torch.Tensor, threshold_db: float) -> torch.Tensor:
     return (level > max(loud - threshold_db, -60.0)) & (energy > 0)
 
 
+@functools.cache
+def _silero_model():
+    from silero_vad import load_silero_vad
+
+    with warnings.catch_warnings():  # its TorchScript loading warns about `torch.jit` deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return load_silero_vad()
+
+
 def _silero_activity(waveform: torch.Tensor, sampling_rate: int, frames: int) -> torch.Tensor:
-    from silero_vad import get_speech_timestamps, load_silero_vad
+    from silero_vad import get_speech_timestamps
 
     audio = resample_waveform(waveform, sampling_rate, SILERO_SAMPLING_RATE)
     regions = get_speech_timestamps(
-        audio, load_silero_vad(), sampling_rate=SILERO_SAMPLING_RATE, min_silence_duration_ms=100, speech_pad_ms=30
+        audio, _silero_model(), sampling_rate=SILERO_SAMPLING_RATE, min_silence_duration_ms=100, speech_pad_ms=30
     )
     activity = torch.zeros(frames, dtype=torch.bool)
     scale = 1 / (SILERO_SAMPLING_RATE * FRAME_SECONDS)
@@ -295,8 +307,11 @@ def transcribe(
 
     pieces = []  # (recording, start s, end s)
     for index, (waveform, rate) in enumerate(loaded):
-        for start, end in find_speech_segments(waveform, rate, max_segment_seconds, min_pause_seconds, vad):
-            pieces.append((index, start, end))
+        segments = find_speech_segments(waveform, rate, max_segment_seconds, min_pause_seconds, vad)
+        duration = waveform.shape[-1] / rate
+        if segments and duration <= max_segment_seconds:
+            segments = [(0.0, duration)]  # short enough: the whole recording, as `processor.asr` reads it
+        pieces.extend((index, start, end) for start, end in segments)
     order = sorted(range(len(pieces)), key=lambda i: pieces[i][2] - pieces[i][1], reverse=True)
     settings = {**processor.generation_kwargs("asr"), **(generation_kwargs or {}), "max_new_tokens": max_new_tokens}
     texts = [""] * len(pieces)
