@@ -45,7 +45,12 @@ from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerStreamingDecoderOutput,
     convert_original_state_dict,
 )
-from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
+from .processing_mimo_audio import (
+    V25_ASR_INSTRUCTIONS,
+    V25_LANGUAGE_TAGS,
+    MiMoAudioDecodedOutput,
+    MiMoAudioProcessor,
+)
 from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe
 from .training_mimo_audio import (
     LORA_TARGET_MODULES,
@@ -96,6 +101,8 @@ __all__ = [
     "ORIGINAL_CHECKPOINT_KEY_MAPPING",
     "QUANTIZATION_SKIP_MODULES",
     "UNQUANTIZED_MODULES",
+    "V25_ASR_INSTRUCTIONS",
+    "V25_LANGUAGE_TAGS",
     "MiMoAudioConfig",
     "MiMoAudioDataCollator",
     "MiMoAudioDecodedOutput",
