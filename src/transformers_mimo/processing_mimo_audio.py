@@ -638,7 +638,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         add_generation_prompt: bool = True,
         output_modality: str = "text",
         thinking: bool = False,
-        language: str | None = None,
+        language: str | list[str | None] | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -665,8 +665,8 @@ class MiMoAudioProcessor(ProcessorMixin):
                 `<|sostm|>`; `"text"` opens with an empty thinking block `<think>\n\n</think>\n`.
             thinking (`bool`, defaults to `False`): open with `<think>\n` instead, so the model reasons first (used
                 for audio understanding with thinking and for TTS with a style instruction).
-            language (`"zh"`, `"en"` or `None`): MiMo-V2.5-ASR only: end the text opening with the language tag
-                `<chinese>` / `<english>` the model transcribes after (see `asr`).
+            language (`"zh"`, `"en"`, `None`, or a list with one per conversation): MiMo-V2.5-ASR only: end the
+                text opening with the language tag `<chinese>` / `<english>` the model transcribes after (see `asr`).
 
         Returns:
             [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
@@ -677,18 +677,26 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("`conversation` must be a non-empty list of messages or a list of conversations.")
-        language_tag = self._language_tag(language)
-        if language_tag and (output_modality != "text" or thinking or not add_generation_prompt):
-            raise ValueError("`language` tags the text answer's opening: it needs `add_generation_prompt=True`, "
-                             "`output_modality='text'` and `thinking=False`.")
         conversations = conversation if _is_conversation_batch(conversation) else [conversation]
-        batch = [
-            _render_conversation(
-                _check_conversation(conv, index), add_generation_prompt, output_modality, thinking, language_tag
+        tags = self._language_tags(language, len(conversations))
+        if any(tags) and (output_modality != "text" or thinking or not add_generation_prompt):
+            raise ValueError(
+                "`language` tags the text answer's opening: it needs `add_generation_prompt=True`, "
+                "`output_modality='text'` and `thinking=False`."
             )
-            for index, conv in enumerate(conversations)
+        batch = [
+            _render_conversation(_check_conversation(conv, index), add_generation_prompt, output_modality, thinking, tag)
+            for index, (conv, tag) in enumerate(zip(conversations, tags))
         ]
         return self._build_inputs(batch)
+
+    def _language_tags(self, language, count: int) -> list[str]:
+        """One V2.5-ASR language tag per sample, from one language or a list of `count` languages."""
+        if isinstance(language, (list, tuple)):
+            if len(language) != count:
+                raise ValueError(f"`language` has {len(language)} entries for {count} samples.")
+            return [self._language_tag(item) for item in language]
+        return [self._language_tag(language)] * count
 
     def _language_tag(self, language: str | None) -> str:
         """The V2.5-ASR language tag for `language`; errors for an unknown language or a model trained without tags."""
@@ -721,27 +729,28 @@ class MiMoAudioProcessor(ProcessorMixin):
 
         Args:
             audio: a path, audio item, `(waveform, sampling_rate)` or waveform at 24 kHz; a list for a batch.
-            language (`"zh"`, `"en"` or `None`): MiMo-V2.5-ASR only. The assistant's opening ends with `<chinese>` /
-                `<english>` (no tag for `None`: the model picks the language). A MiMo-Audio checkpoint was not trained
-                with tags, so any value but `None` is an error there.
+            language (`"zh"`, `"en"`, `None`, or a list with one per sample): MiMo-V2.5-ASR only. The assistant's
+                opening ends with `<chinese>` / `<english>` (no tag for `None`: the model picks the language). A
+                MiMo-Audio checkpoint was not trained with tags, so any value but `None` is an error there.
             instruction (`str`, *optional*): the request after the audio. By default MiMo-Audio uses
                 `DEFAULT_ASR_INSTRUCTION`; MiMo-V2.5-ASR draws one sentence per sample with `random.choice` from
                 `V25_ASR_INSTRUCTIONS[language]` (both lists, Chinese first, for `language=None`) as the original
                 does, so `random.seed(n)` before the call reproduces the original's prompt for the same seed.
         """
-        self._language_tag(language)
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise ValueError(f"`instruction` must be a non-empty string or None, got {instruction!r:.80}.")
         items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        languages = language if isinstance(language, (list, tuple)) else [language] * len(items)
+        self._language_tags(languages, len(items))
         if instruction is not None:
             instructions = [instruction] * len(items)
         elif self.model_variant == "mimo-v2.5-asr":
-            pool = V25_ASR_INSTRUCTIONS[language] if language else V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"]
-            instructions = [random.choice(pool) for _ in items]
+            pools = {None: V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"], **V25_ASR_INSTRUCTIONS}
+            instructions = [random.choice(pools[item]) for item in languages]
         else:
             instructions = [DEFAULT_ASR_INSTRUCTION] * len(items)
         conversations = [_asr_messages(item, text) for item, text in zip(items, instructions)]
-        return self.apply_chat_template(conversations, language=language)
+        return self.apply_chat_template(conversations, language=list(languages))
 
     def tts(
         self,
