@@ -511,6 +511,9 @@ def _checked_layer_types(config_dict: dict) -> list[str]:
     return layer_types
 
 
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "_commit_hash")
+
+
 def route_original_checkpoints_to_mimo_audio():
     """
     Make `AutoConfig.from_pretrained` (and so `AutoModel.from_pretrained`, `AutoProcessor`, ...) read an original
@@ -523,10 +526,13 @@ def route_original_checkpoints_to_mimo_audio():
     auto_from_pretrained = AutoConfig.from_pretrained.__func__
 
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        loaded = auto_from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        if isinstance(config, MiMoAudioConfig) or getattr(config, "speech_vocab_size", None) is None:
-            return loaded
+        lookup = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        try:
+            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **lookup)
+        except Exception:  # not readable here: the Auto loader reports it
+            config_dict = {}
+        if not is_original_config_dict(config_dict):
+            return auto_from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
         for key in ("code_revision", "trust_remote_code"):
             kwargs.pop(key, None)
         return MiMoAudioConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
