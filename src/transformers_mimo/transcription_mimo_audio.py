@@ -235,6 +235,8 @@ def _load_recording(audio, index: int) -> tuple[torch.Tensor, int]:
                 f"`audio` {index}: expected a float waveform (samples,) or (channels, samples), got "
                 f"{waveform.dtype} {tuple(waveform.shape)}."
             )
+        if waveform.numel() == 0:
+            raise ValueError(f"`audio` {index}: the audio is empty (0 samples).")
         waveform = waveform.float().reshape(-1, waveform.shape[-1]).mean(dim=0)
     if not isinstance(sampling_rate, int) or sampling_rate < 1:
         raise ValueError(f"`audio` {index}: the sampling rate must be a positive int, got {sampling_rate!r}.")
