@@ -723,7 +723,7 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------------- task helpers
 
-    def asr(self, audio, language: str | None = None, instruction: str | None = None) -> BatchFeature:
+    def asr(self, audio, *, language: str | list[str | None] | None = None, instruction: str | None = None) -> BatchFeature:
         """
         Speech recognition: the user turn is the audio then an instruction; the answer is text.
 
@@ -1075,7 +1075,10 @@ class MiMoAudioProcessor(ProcessorMixin):
                 `sequences` is a tensor.
             prompt_length (`int`): positions to skip at the start (the prompt, `inputs["input_ids"].shape[1]`).
             skip_special_tokens (`bool`): drop every special token from the text. By default the text is cleaned as
-                the original does: `<|empty|>`, `<|eot|>` and `<|eostm|>` are removed, other tokens are kept.
+                the original does: `<|empty|>`, `<|eot|>` and `<|eostm|>` are removed, other tokens are kept. For a
+                MiMo-V2.5-ASR processor the cleanup is that release's ASR transcript: stripped first, then those
+                tokens removed, then the language tags `<chinese>` / `<english>` (and the text stripped again) when
+                one is present.
             decode_audio (`bool`): run the codec on the generated speech.
 
         The text of a sample ends before its first end-of-text / padding / `<|im_end|>` token (the stop token, which

@@ -50,6 +50,8 @@ FRAME_SECONDS = 0.01
 # Silero VAD reads 16 kHz audio.
 SILERO_SAMPLING_RATE = 16000
 VAD_METHODS = ("auto", "silero", "energy")
+# Silero VAD runs on blocks of this many seconds.
+VAD_BLOCK_SECONDS = 600
 # Speech shorter than this (clicks, blips) is not transcribed.
 MIN_SPEECH_SECONDS = 0.1
 # Each segment keeps up to this much of the pause before and after its speech.
@@ -85,11 +87,17 @@ class Transcription:
 
 
 def _frame_energy(waveform: torch.Tensor, frame: int) -> torch.Tensor:
-    """Mean square of each `frame`-sample frame `(frames,)`, the last (partial) frame included; no copy of the audio."""
-    whole = waveform.shape[-1] // frame
-    energy = waveform[: whole * frame].reshape(whole, frame).float().square().mean(-1)
-    if waveform.shape[-1] > whole * frame:
-        energy = torch.cat([energy, waveform[whole * frame :].float().square().mean()[None]])
+    """Mean square of each `frame`-sample frame `(frames,)`, the last (partial) frame included. Computed a block at a
+    time, so no full-length temporary is made."""
+    frames = math.ceil(waveform.shape[-1] / frame)
+    energy = torch.empty(frames)
+    block = 100_000  # frames
+    for start in range(0, frames, block):
+        piece = waveform[start * frame : (start + block) * frame].float()
+        whole = piece.shape[-1] // frame
+        energy[start : start + whole] = piece[: whole * frame].reshape(whole, frame).square().mean(-1)
+        if piece.shape[-1] > whole * frame:
+            energy[start + whole] = piece[whole * frame :].square().mean()
     return energy
 
 
@@ -110,16 +118,20 @@ def _silero_model():
 
 
 def _silero_activity(waveform: torch.Tensor, sampling_rate: int, frames: int) -> torch.Tensor:
+    """Silero VAD's speech frames, run on blocks of `VAD_BLOCK_SECONDS` (so only a block is resampled at a time)."""
     from silero_vad import get_speech_timestamps
 
-    audio = resample_waveform(waveform, sampling_rate, SILERO_SAMPLING_RATE)
-    regions = get_speech_timestamps(
-        audio, _silero_model(), sampling_rate=SILERO_SAMPLING_RATE, min_silence_duration_ms=100, speech_pad_ms=30
-    )
     activity = torch.zeros(frames, dtype=torch.bool)
+    block = VAD_BLOCK_SECONDS * sampling_rate
     scale = 1 / (SILERO_SAMPLING_RATE * FRAME_SECONDS)
-    for region in regions:
-        activity[int(region["start"] * scale) : math.ceil(region["end"] * scale)] = True
+    for offset in range(0, waveform.shape[-1], block):
+        audio = resample_waveform(waveform[offset : offset + block], sampling_rate, SILERO_SAMPLING_RATE)
+        regions = get_speech_timestamps(
+            audio, _silero_model(), sampling_rate=SILERO_SAMPLING_RATE, min_silence_duration_ms=100, speech_pad_ms=30
+        )
+        first = round(offset / sampling_rate / FRAME_SECONDS)
+        for region in regions:
+            activity[first + int(region["start"] * scale) : first + math.ceil(region["end"] * scale)] = True
     return activity
 
 
@@ -223,10 +235,10 @@ def _load_recording(audio, index: int) -> tuple[torch.Tensor, int]:
         if not os.path.isfile(path):
             raise ValueError(f"`audio` {index}: no audio file at {path!r}.")
         try:
-            array, sampling_rate = sf.read(path, dtype="float32", always_2d=True)
+            array, sampling_rate = sf.read(path, dtype="float32")
         except Exception as error:  # soundfile raises several error types for unreadable data
             raise ValueError(f"`audio` {index}: cannot decode {path!r} as audio ({error}).") from error
-        waveform = torch.from_numpy(array.T.copy()).mean(dim=0)
+        waveform = torch.from_numpy(array if array.ndim == 1 else array.mean(axis=1, dtype=np.float32))
     else:
         waveform, sampling_rate = audio if isinstance(audio, tuple) else (audio, 24000)
         waveform = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
@@ -237,7 +249,7 @@ def _load_recording(audio, index: int) -> tuple[torch.Tensor, int]:
             )
         if waveform.numel() == 0:
             raise ValueError(f"`audio` {index}: the audio is empty (0 samples).")
-        waveform = waveform.float().reshape(-1, waveform.shape[-1]).mean(dim=0)
+        waveform = waveform.float() if waveform.ndim == 1 else waveform.float().mean(dim=0)  # mono: no copy
     if not isinstance(sampling_rate, int) or sampling_rate < 1:
         raise ValueError(f"`audio` {index}: the sampling rate must be a positive int, got {sampling_rate!r}.")
     if waveform.numel() == 0:
