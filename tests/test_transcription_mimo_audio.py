@@ -96,6 +96,10 @@ def test_silence_and_bad_input(v25):
         transcribe(model, processor, (_silence(1), RATE), batch_size=0)
     with pytest.raises(ValueError, match="`vad` must be one of"):
         transcribe(model, processor, (_silence(1), RATE), vad="webrtc")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        transcribe(model, processor, (torch.tensor([0.0, float("nan")] * 100), RATE))
+    with pytest.raises(ValueError, match="sampling rate must be a positive int"):
+        transcribe(model, processor, (_silence(1), 24000.0))
     with pytest.raises(ValueError, match="no audio file"):
         transcribe(model, processor, "/nonexistent.wav")
 

@@ -78,8 +78,9 @@ DEFAULT_TTS_INSTRUCTION = {"en": "Please convert this text to speech", "zh": "è¯
 
 # MiMo-V2.5-ASR: the ASR answer opens with a language tag (plain text, after the empty thinking block), and without an
 # explicit instruction one is drawn with `random.choice` from the sentences of that language (from both lists when no
-# language is given), as the original's `get_asr_sft_prompt` does. These are the sentences of its template lists, in
-# its order (the order decides which one a seeded draw picks).
+# language is given), as the original's `get_asr_sft_prompt` does. These are the sentences of its template lists
+# (XiaomiMiMo/MiMo-V2.5-ASR, MIT, src/mimo_audio/templates.py), in its order: the model was trained with them, and the
+# order decides which one a seeded draw picks.
 V25_LANGUAGE_TAGS = {None: "", "zh": "<chinese>", "en": "<english>"}
 V25_ASR_INSTRUCTIONS = {
     "zh": (
@@ -874,7 +875,8 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     def encode_audio(self, audio) -> list[torch.Tensor]:
         """
-        Audio -> the patches the model reads, one clip at a time (a single input or a list).
+        Audio -> the patches the model reads, one clip at a time (a single input or a list). A MiMo-V2.5-ASR
+        processor encodes waveforms with that release's 30 s chunk recipe (see `_waveforms_to_codes`).
 
         Returns:
             a list of int64 tensors `(num_patches, group_size, audio_channels)`, one per clip.

@@ -30,6 +30,7 @@ grows with `batch_size` and `max_segment_seconds`, not with the length of the re
 
 import functools
 import math
+import numbers
 import os
 import re
 import warnings
@@ -91,7 +92,7 @@ def _frame_energy(waveform: torch.Tensor, frame: int) -> torch.Tensor:
     time, so no full-length temporary is made."""
     frames = math.ceil(waveform.shape[-1] / frame)
     energy = torch.empty(frames)
-    block = 100_000  # frames
+    block = 10_000  # frames
     for start in range(0, frames, block):
         piece = waveform[start * frame : (start + block) * frame].float()
         whole = piece.shape[-1] // frame
@@ -250,11 +251,13 @@ def _load_recording(audio, index: int) -> tuple[torch.Tensor, int]:
         if waveform.numel() == 0:
             raise ValueError(f"`audio` {index}: the audio is empty (0 samples).")
         waveform = waveform.float() if waveform.ndim == 1 else waveform.float().mean(dim=0)  # mono: no copy
-    if not isinstance(sampling_rate, int) or sampling_rate < 1:
+    if not isinstance(sampling_rate, numbers.Integral) or isinstance(sampling_rate, bool) or sampling_rate < 1:
         raise ValueError(f"`audio` {index}: the sampling rate must be a positive int, got {sampling_rate!r}.")
+    sampling_rate = int(sampling_rate)
     if waveform.numel() == 0:
         raise ValueError(f"`audio` {index}: the audio is empty (0 samples).")
-    if not torch.isfinite(waveform).all():
+    block = 1 << 20  # checked a block at a time: no full-length temporary
+    if not all(torch.isfinite(waveform[start : start + block]).all() for start in range(0, waveform.numel(), block)):
         raise ValueError(f"`audio` {index}: the audio holds NaN or infinite samples.")
     return waveform, sampling_rate
 
