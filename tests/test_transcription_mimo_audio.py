@@ -83,7 +83,7 @@ def test_speech_without_pauses_is_cut_at_the_quietest_point_near_the_limit(speec
     assert energy[first_cut] == window.min()
 
 
-def test_silence_and_bad_input(v25):
+def test_silence_and_bad_input(tmp_path, v25):
     model, processor = v25
     for waveform in (_silence(5), 1e-4 * torch.randn(5 * RATE)):
         result = transcribe(model, processor, (waveform, RATE), vad="energy")
@@ -96,6 +96,9 @@ def test_silence_and_bad_input(v25):
         transcribe(model, processor, (_silence(1), RATE), batch_size=0)
     with pytest.raises(ValueError, match="`vad` must be one of"):
         transcribe(model, processor, (_silence(1), RATE), vad="webrtc")
+    one = tmp_path / "one.wav"  # a 1-sample file: no speech region of 0.1 s, so nothing to transcribe
+    sf.write(one, np.array([0.5], dtype=np.float32), RATE)
+    assert transcribe(model, processor, str(one)).segments == []
     with pytest.raises(ValueError, match="NaN or infinite"):
         transcribe(model, processor, (torch.tensor([0.0, float("nan")] * 100), RATE))
     with pytest.raises(ValueError, match="sampling rate must be a positive int"):
@@ -181,11 +184,14 @@ def test_cli_asr_formats_and_files(tmp_path, capsys, speech):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "already exists" in error and (tmp_path / "talk.srt").read_text() == srt
 
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), RATE)
     for bad, message in (
         (["asr", files[0], "--model", str(GOLDEN / "lm_a" / "checkpoint"), "--language", "zh"], "needs a MiMo-V2.5-ASR"),
         (["asr", files[0], *model_args, "--batch-size", "0"], "--batch-size must be positive"),
         (["asr", *files, *model_args, "--output-format", "srt"], "needs --output-dir"),
         (["asr", str(tmp_path / "missing.wav"), *model_args], "does not exist"),
+        (["asr", str(empty), *model_args], "holds no samples"),
     ):
         assert cli.main(bad) == 2, bad
         error = capsys.readouterr().err

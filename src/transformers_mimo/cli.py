@@ -303,7 +303,12 @@ def cmd_asr(args) -> int:
     from .configuration_mimo_audio import MiMoAudioConfig
     from .transcription_mimo_audio import transcribe
 
+    import soundfile as sf
+
     files = [_check_input_file(path) for path in args.audio]
+    for path in files:
+        if sf.info(path).frames == 0:
+            raise InputError(f"audio file {path!r} holds no samples.")
     if args.batch_size < 1:
         raise InputError("--batch-size must be positive.")
     if args.max_segment_seconds < 1:
