@@ -83,6 +83,16 @@ def test_speech_without_pauses_is_cut_at_the_quietest_point_near_the_limit(speec
     assert energy[first_cut] == window.min()
 
 
+def test_timestamps_do_not_drift_at_other_rates():
+    """At 22050 Hz a 10 ms frame is 220.5 samples: times are counted in whole frames of their true length."""
+    rate = 22050
+    recording = torch.zeros(1800 * rate)
+    tone = 0.3 * torch.sin(torch.arange(2 * rate) * 2 * torch.pi * 220 / rate)
+    recording[1790 * rate : 1792 * rate] = tone
+    ((start, end),) = find_speech_segments(recording, rate, vad="energy")
+    assert start == pytest.approx(1790 - 0.2, abs=0.02) and end == pytest.approx(1792 + 0.2, abs=0.02)
+
+
 def test_silence_and_bad_input(tmp_path, v25):
     model, processor = v25
     for waveform in (_silence(5), 1e-4 * torch.randn(5 * RATE)):
@@ -244,3 +254,14 @@ def test_eval_asr_runs_on_a_folder_and_a_dataset(tmp_path, eval_asr, capsys):
     dataset.cast_column("audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "ds"))
     summary = eval_asr.main(["--dataset", str(tmp_path / "ds"), *common, "--metric", "wer"])
     assert summary["metric"] == "wer" and summary["utterances"] == 1 and 0 <= summary["error_rate"]
+
+
+def test_bench_transcribe_measures_a_short_recording():
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_transcribe.py"
+    spec = importlib.util.spec_from_file_location("bench_transcribe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recording = module.synthetic_recording(0.5)
+    assert recording.shape == (30 * RATE,) and recording.abs().max() > 0.1
+    row = module.measure(0.75, batch_size=2, threads=2, max_new_tokens=2)
+    assert row["segments"] == 2 and row["longest_segment_s"] <= 30 and row["wall_s"] > 0 and row["peak_mb"] >= 0

@@ -118,19 +118,19 @@ def _silero_model():
         return load_silero_vad()
 
 
-def _silero_activity(waveform: torch.Tensor, sampling_rate: int, frames: int) -> torch.Tensor:
+def _silero_activity(waveform: torch.Tensor, sampling_rate: int, frame: int, frames: int) -> torch.Tensor:
     """Silero VAD's speech frames, run on blocks of `VAD_BLOCK_SECONDS` (so only a block is resampled at a time)."""
     from silero_vad import get_speech_timestamps
 
     activity = torch.zeros(frames, dtype=torch.bool)
-    block = VAD_BLOCK_SECONDS * sampling_rate
-    scale = 1 / (SILERO_SAMPLING_RATE * FRAME_SECONDS)
+    block = VAD_BLOCK_SECONDS * sampling_rate // frame * frame  # whole frames
+    scale = sampling_rate / (SILERO_SAMPLING_RATE * frame)  # 16 kHz sample -> frame
     for offset in range(0, waveform.shape[-1], block):
         audio = resample_waveform(waveform[offset : offset + block], sampling_rate, SILERO_SAMPLING_RATE)
         regions = get_speech_timestamps(
             audio, _silero_model(), sampling_rate=SILERO_SAMPLING_RATE, min_silence_duration_ms=100, speech_pad_ms=30
         )
-        first = round(offset / sampling_rate / FRAME_SECONDS)
+        first = offset // frame
         for region in regions:
             activity[first + int(region["start"] * scale) : first + math.ceil(region["end"] * scale)] = True
     return activity
@@ -185,24 +185,25 @@ def find_speech_segments(
         raise ValueError(f"`min_pause_seconds` must be non-negative, got {min_pause_seconds}.")
     method = _resolve_vad(vad)
     frame = max(1, round(sampling_rate * FRAME_SECONDS))
+    frame_seconds = frame / sampling_rate  # exactly, so that timestamps do not drift over long recordings
     energy = _frame_energy(waveform, frame)
     if method == "silero":
-        activity = _silero_activity(waveform, sampling_rate, energy.shape[0])
+        activity = _silero_activity(waveform, sampling_rate, frame, energy.shape[0])
     else:
         activity = _energy_activity(energy, energy_threshold_db)
 
     # Speech regions in frames: pauses shorter than `min_pause_seconds` bridged, blips shorter than 0.1 s dropped.
     regions = []
     for start, end in _runs(activity):
-        if regions and start - regions[-1][1] < min_pause_seconds / FRAME_SECONDS:
+        if regions and start - regions[-1][1] < min_pause_seconds / frame_seconds:
             regions[-1] = (regions[-1][0], end)
         else:
             regions.append((start, end))
-    regions = [(start, end) for start, end in regions if end - start >= MIN_SPEECH_SECONDS / FRAME_SECONDS]
+    regions = [(start, end) for start, end in regions if end - start >= MIN_SPEECH_SECONDS / frame_seconds]
 
     # Pack the regions into segments of speech, leaving room for the margins added below.
-    pad = round(SEGMENT_MARGIN_SECONDS / FRAME_SECONDS)
-    limit = int(max_segment_seconds / FRAME_SECONDS) - 2 * pad
+    pad = round(SEGMENT_MARGIN_SECONDS / frame_seconds)
+    limit = int(max_segment_seconds / frame_seconds) - 2 * pad
     segments: list[list[int]] = []
     for start, end in regions:
         if segments and end - segments[-1][0] <= limit:
@@ -223,7 +224,7 @@ def find_speech_segments(
         right = frames if index == len(segments) - 1 else (end + segments[index + 1][0]) // 2
         bounds.append((max(start - pad, left), min(end + pad, right)))
     duration = waveform.shape[-1] / sampling_rate
-    return [(round(start * FRAME_SECONDS, 3), round(min(end * FRAME_SECONDS, duration), 3)) for start, end in bounds]
+    return [(round(start * frame_seconds, 3), round(min(end * frame_seconds, duration), 3)) for start, end in bounds]
 
 
 # ------------------------------------------------------------------------------------------------------ transcribe
