@@ -39,7 +39,10 @@ def synthetic_recording(minutes: float) -> torch.Tensor:
     import soundfile as sf
 
     pause = torch.zeros(RATE // 2)
-    clips = [torch.from_numpy(sf.read(AUDIO / name, dtype="float32")[0]) for name in ("prompt_speech_en_w.wav", "prompt_speech_zh_m.wav")]
+    clips = [
+        torch.from_numpy(sf.read(AUDIO / name, dtype="float32")[0])
+        for name in ("prompt_speech_en_w.wav", "prompt_speech_zh_m.wav")
+    ]
     unit = torch.cat([clips[0], pause, clips[1], pause])
     samples = int(minutes * 60 * RATE)
     return unit.repeat(samples // unit.numel() + 1)[:samples]
@@ -59,7 +62,12 @@ def measure(minutes: float, batch_size: int, threads: int, max_new_tokens: int) 
     before = _status_mb("VmRSS")
     start = time.perf_counter()
     result = transcribe(
-        model, processor, (recording, RATE), batch_size=batch_size, max_new_tokens=max_new_tokens, vad="energy",
+        model,
+        processor,
+        (recording, RATE),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        vad="energy",
         instruction="Transcribe this voice recording",
     )
     wall = time.perf_counter() - start
@@ -87,8 +95,18 @@ def main(argv=None):
     print("| minutes | segments | longest segment s | wall s | peak memory of transcribe MB | recording MB |")
     print("|---:|---:|---:|---:|---:|---:|")
     for minutes in args.minutes:
-        command = [sys.executable, __file__, "--child", str(minutes), "--batch-size", str(args.batch_size),
-                   "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(minutes),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+        ]
         row = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         print(
             f"| {row['minutes']:g} | {row['segments']} | {row['longest_segment_s']:.1f} | {row['wall_s']:.1f} | "

@@ -126,7 +126,9 @@ def dataset_corpus(name: str, config: str | None, split: str, audio_column: str,
     for index, row in enumerate(dataset):
         audio = row[audio_column]
         source = audio["bytes"] if audio.get("bytes") else audio["path"]
-        array, rate = sf.read(source if isinstance(source, str) else io.BytesIO(source), dtype="float32", always_2d=True)
+        array, rate = sf.read(
+            source if isinstance(source, str) else io.BytesIO(source), dtype="float32", always_2d=True
+        )
         key = Path(audio["path"]).stem if audio.get("path") else str(index)
         corpus.append((key, (torch.from_numpy(array.T.copy()).mean(0), int(rate)), row[text_column]))
     return corpus
@@ -157,8 +159,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-segment-seconds", type=float, default=30.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
     parser.add_argument("--hypotheses", type=Path, default=None, help="write per-utterance results (JSON lines)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:

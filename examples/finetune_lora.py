@@ -116,7 +116,10 @@ def build_v25_asr_sample(processor, record: dict) -> dict:
         raise ValueError(f"`language` of {record['audio']!r} must be 'zh', 'en' or absent, got {language!r}.")
     pool = V25_ASR_INSTRUCTIONS[language] if language else V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"]
     conversation = [
-        {"role": "user", "content": [{"type": "audio", "path": record["audio"]}, {"type": "text", "text": random.choice(pool)}]},
+        {
+            "role": "user",
+            "content": [{"type": "audio", "path": record["audio"]}, {"type": "text", "text": random.choice(pool)}],
+        },
         {"role": "assistant", "content": V25_LANGUAGE_TAGS[language] + record["text"], "thinking": ""},
     ]
     return dict(processor.apply_chat_template(conversation, add_generation_prompt=False))

@@ -130,21 +130,32 @@ def test_an_hour_in_batches_equals_each_segment_alone(v25, speech):
         hour[start * RATE : start * RATE + clip.numel()] = clip
     greedy = {"do_sample": False, "audio_do_sample": False}
     result = transcribe(
-        model, processor, (hour, RATE), language="en", instruction=INSTRUCTION, batch_size=2, max_new_tokens=5,
-        vad="energy", generation_kwargs=greedy,
+        model,
+        processor,
+        (hour, RATE),
+        language="en",
+        instruction=INSTRUCTION,
+        batch_size=2,
+        max_new_tokens=5,
+        vad="energy",
+        generation_kwargs=greedy,
     )
     assert result.duration == 3600.0 and len(result.segments) == 6
     for segment, start in zip(result.segments, starts):
         assert start - 0.3 < segment.start < start + 0.2 and segment.end - segment.start < 5.0
         inputs = processor.asr(
-            (hour[round(segment.start * RATE) : round(segment.end * RATE)], RATE), language="en", instruction=INSTRUCTION
+            (hour[round(segment.start * RATE) : round(segment.end * RATE)], RATE),
+            language="en",
+            instruction=INSTRUCTION,
         )
         output = model.generate(**inputs, **{**processor.generation_kwargs("asr"), **greedy}, max_new_tokens=5)
         expected = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False)
         assert segment.text == expected.text[0]
     assert result.text == join_segment_texts([segment.text for segment in result.segments])
 
-    short = transcribe(model, processor, (torch.cat([_silence(0.5), en]), RATE), instruction=INSTRUCTION, max_new_tokens=2)
+    short = transcribe(
+        model, processor, (torch.cat([_silence(0.5), en]), RATE), instruction=INSTRUCTION, max_new_tokens=2
+    )
     assert [(s.start, s.end) for s in short.segments] == [(0.0, pytest.approx(0.5 + en.numel() / RATE))]
 
 
@@ -161,7 +172,10 @@ def test_mimo_audio_checkpoint_uses_its_own_prompt(speech):
 
 
 def test_join_segment_texts():
-    assert join_segment_texts(["Hello there.", " How are you? ", "", "今天", "天气好", "OK"]) == "Hello there. How are you?今天天气好OK"
+    assert (
+        join_segment_texts(["Hello there.", " How are you? ", "", "今天", "天气好", "OK"])
+        == "Hello there. How are you?今天天气好OK"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -173,8 +187,19 @@ def test_cli_asr_formats_and_files(tmp_path, capsys, speech):
     en, zh = speech
     long_file = tmp_path / "talk.wav"
     sf.write(long_file, torch.cat([_silence(0.5), en, _silence(1.0), zh, _silence(1.0), en]).numpy(), RATE)
-    model_args = ["--model", str(V25), "--audio-tokenizer", str(CODEC), "--device", "cpu", "--max-new-tokens", "3",
-                  "--greedy", "--seed", "0"]
+    model_args = [
+        "--model",
+        str(V25),
+        "--audio-tokenizer",
+        str(CODEC),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--greedy",
+        "--seed",
+        "0",
+    ]
     files = [str(long_file), str(AUDIO / "weather_today_zh.mp3")]
     argv = ["asr", *files, *model_args, "--max-segment-seconds", "6", "--batch-size", "2", "--language", "en"]
 
@@ -197,7 +222,10 @@ def test_cli_asr_formats_and_files(tmp_path, capsys, speech):
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, dtype=np.float32), RATE)
     for bad, message in (
-        (["asr", files[0], "--model", str(GOLDEN / "lm_a" / "checkpoint"), "--language", "zh"], "needs a MiMo-V2.5-ASR"),
+        (
+            ["asr", files[0], "--model", str(GOLDEN / "lm_a" / "checkpoint"), "--language", "zh"],
+            "needs a MiMo-V2.5-ASR",
+        ),
         (["asr", files[0], *model_args, "--batch-size", "0"], "--batch-size must be positive"),
         (["asr", *files, *model_args, "--output-format", "srt"], "needs --output-dir"),
         (["asr", str(tmp_path / "missing.wav"), *model_args], "does not exist"),
@@ -239,15 +267,27 @@ def test_eval_asr_runs_on_a_folder_and_a_dataset(tmp_path, eval_asr, capsys):
     for name, text in (("prompt_speech_en_w.wav", "Hello there"), ("weather_today_zh.mp3", "今天天气如何？")):
         (folder / name).write_bytes((AUDIO / name).read_bytes())
         (folder / name).with_suffix(".txt").write_text(text, encoding="utf-8")
-    common = ["--model", str(V25), "--audio-tokenizer", str(CODEC), "--max-new-tokens", "3", "--device", "cpu",
-              "--batch-size", "2"]
+    common = [
+        "--model",
+        str(V25),
+        "--audio-tokenizer",
+        str(CODEC),
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
     summary = eval_asr.main(["--data", str(folder), *common, "--hypotheses", str(tmp_path / "hyp.jsonl")])
     lines = [json.loads(line) for line in (tmp_path / "hyp.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [line["id"] for line in lines] == ["prompt_speech_en_w", "weather_today_zh"]
     assert summary["metric"] == "cer" and summary["utterances"] == 2
     expected = eval_asr.error_rate([l["reference"] for l in lines], [l["hypothesis"] for l in lines], "cer")
     assert summary["error_rate"] == expected and summary["throughput"] > 0
-    assert summary["audio_seconds"] == pytest.approx(sum(sf.info(folder / n).duration for n in ("prompt_speech_en_w.wav", "weather_today_zh.mp3")), abs=0.05)
+    assert summary["audio_seconds"] == pytest.approx(
+        sum(sf.info(folder / n).duration for n in ("prompt_speech_en_w.wav", "weather_today_zh.mp3")), abs=0.05
+    )
     assert f"| 2 | {summary['audio_seconds']:.1f} |" in capsys.readouterr().out
 
     dataset = datasets.Dataset.from_dict({"audio": [str(folder / "prompt_speech_en_w.wav")], "text": ["Hello there"]})

@@ -111,35 +111,55 @@ def test_original_directory_loads_with_every_entry_point(case):
 
 
 def test_unread_keys_are_recorded_not_dropped(case):
-    """Every key of the original config that builds nothing is kept as it was in `original_extra_config`; of the
-    nested `audio_config` only what does not repeat a top-level value (those are checked instead)."""
+    """Every key of the original config either builds the model or is kept unchanged in `original_extra_config`; of
+    the nested `audio_config`, the values that repeat the flat config equal what the model is built with and the
+    rest is kept."""
+    from transformers_mimo.configuration_mimo_audio import _READ_ORIGINAL_KEYS
+
     original = json.loads((_checkpoint(case) / "config.json").read_text())
-    extra = MiMoAudioConfig.from_pretrained(_checkpoint(case)).original_extra_config
-    for key in ("n_rvq", "mlp_layers", "no_speech_loss", "no_text_loss", "add_input_local_transformer",
-                "add_speech_sosp_eosp", "local_rotary_base", "local_hidden_dropout"):
+    config = MiMoAudioConfig.from_pretrained(_checkpoint(case))
+    extra = config.original_extra_config
+    for key, value in original.items():
+        if key != "audio_config":
+            assert (key in _READ_ORIGINAL_KEYS) != (key in extra), key
+            assert key not in extra or extra[key] == value, key
+    for key in ("n_rvq", "mlp_layers", "no_speech_loss", "no_text_loss", "add_input_local_transformer"):
         assert extra[key] == original[key], key
-    nested = original["audio_config"]
-    assert extra["audio_config"] == {
-        key: nested[key]
-        for key in ("add_post_norm", "audio_segment_size", "partial_rotary_factor", "projection_layers", "tokenizer_version")
+    built = {
+        "audio_channels": config.audio_channels,
+        "group_size": config.group_size,
+        "input_full_attention": config.input_full_attention,
+        "input_local_attn_heads": config.patch_encoder_config.num_attention_heads,
+        "input_local_dim": config.patch_encoder_config.hidden_size,
+        "input_local_head_dim": config.patch_encoder_config.head_dim,
+        "input_local_intermediate_size": config.patch_encoder_config.intermediate_size,
+        "input_local_layers": config.patch_encoder_config.num_hidden_layers,
+        "out_hidden_size": config.text_config.hidden_size,
+        "rope_theta": config.text_config.rope_parameters["rope_theta"],
+        "speech_vocab_size": "-".join(map(str, config.audio_vocab_sizes)),
+        "speech_zeroemb_idx": "-".join(map(str, config.audio_empty_ids)),
     }
-    assert set(extra) == set(original) - set(MiMoAudioConfig.from_pretrained(GOLDEN / "lm_a" / "checkpoint").to_dict()) - {
-        "speech_vocab_size", "speech_zeroemb_idx", "local_dim", "local_layers", "local_attn_heads", "local_ffn_dim",
-        "local_attn_dropout", "input_local_dim", "input_local_layers", "layer_types", "empty_loss_weight",
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "rope_theta",
-        "rope_scaling", "use_sliding_window", "sliding_window", "max_window_layers", "attention_dropout",
-        "bos_token_id", "eos_token_id", "vocab_size", "head_dim",
-    }
+    kept = extra.get("audio_config", {})
+    for key, value in original["audio_config"].items():
+        if key in built:
+            assert key not in kept and value == built[key], key
+        elif key != "input_local_hidden_dropout":  # repeats `local_hidden_dropout` (itself kept at the top level)
+            assert kept[key] == value, key
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["audio_config"].update(input_local_layers=c["input_local_layers"] + 1), "audio_config.input_local_layers"),
+        (
+            lambda c: c["audio_config"].update(input_local_layers=c["input_local_layers"] + 1),
+            "audio_config.input_local_layers",
+        ),
         (lambda c: c["audio_config"].update(out_hidden_size=c["hidden_size"] * 2), "audio_config.out_hidden_size"),
         (lambda c: c["audio_config"].update(speech_zeroemb_idx="1-2-3-4-5-6-7-8"), "audio_config.speech_zeroemb_idx"),
-        (lambda c: c["audio_config"].update(input_local_attn_heads=c["local_attn_heads"] * 2), "audio_config.input_local_attn_heads"),
+        (
+            lambda c: c["audio_config"].update(input_local_attn_heads=c["local_attn_heads"] * 2),
+            "audio_config.input_local_attn_heads",
+        ),
         (lambda c: c.update(local_rotary_base=c["rope_theta"] / 2), "local_rotary_base"),
         (lambda c: c.update(layer_types=c["layer_types"][:-1]), "layer_types"),
         (lambda c: c.update(n_rvq=c["audio_channels"] - 1), "n_rvq"),
@@ -165,8 +185,17 @@ def test_conversion_remembers_v25_and_mimo_audio_keeps_its_recipe(tmp_path):
 
     case = "v25_lm_a"
     output = tmp_path / "v25"
-    argv = ["convert", "lm", "--input_dir", str(_checkpoint(case)), "--tokenizer_dir", str(_codec_dir(case)),
-            "--output_dir", str(output), "--verify"]
+    argv = [
+        "convert",
+        "lm",
+        "--input_dir",
+        str(_checkpoint(case)),
+        "--tokenizer_dir",
+        str(_codec_dir(case)),
+        "--output_dir",
+        str(output),
+        "--verify",
+    ]
     assert cli.main(argv) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "mimo_audio" and config["model_variant"] == "mimo-v2.5-asr"
@@ -199,10 +228,14 @@ def test_codes_equal_the_v25_recipe_in_one_codec_batch(case, processor, monkeypa
     waves = _waveforms(case)
     calls = []
     encode = processor.audio_tokenizer.encode
-    monkeypatch.setattr(processor.audio_tokenizer, "encode", lambda *a, **k: calls.append(a[0].shape) or encode(*a, **k))
+    monkeypatch.setattr(
+        processor.audio_tokenizer, "encode", lambda *a, **k: calls.append(a[0].shape) or encode(*a, **k)
+    )
     patches = processor.encode_audio([(wave, 24000) for wave in waves.values()])
     chunk = 30 * 24000
-    assert len(calls) == 1 and calls[0][0] == sum(max(1, -(-w.numel() // chunk) - (0 < w.numel() % chunk < 960)) for w in waves.values())
+    assert len(calls) == 1 and calls[0][0] == sum(
+        max(1, -(-w.numel() // chunk) - (0 < w.numel() % chunk < 960)) for w in waves.values()
+    )
     for (name, wave), clip in zip(waves.items(), patches):
         expected = golden[f"codes.{name}"]
         frames = manifest["audios"][name]["frames"]
@@ -235,11 +268,20 @@ def test_prompt_grids_with_the_original_instruction_draw(case, processor):
         random.seed(info["random_seed_before_call"])
         inputs = processor.asr(clip, language=_language(name))
         assert torch.equal(_grid(inputs, processor.group_size), golden[f"prompt.{name}.grid"]), name
-        conversation = [{"role": "user", "content": [{"type": "audio", "audio": clip[0]}, {"type": "text", "text": info["template"]}]}]
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio": clip[0]}, {"type": "text", "text": info["template"]}],
+            }
+        ]
         via_template = processor.apply_chat_template(conversation, language=_language(name))
         assert torch.equal(_grid(via_template, processor.group_size), golden[f"prompt.{name}.grid"]), name
         random.seed(info["random_seed_before_call"])
-        pool = V25_ASR_INSTRUCTIONS[_language(name)] if _language(name) else V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"]
+        pool = (
+            V25_ASR_INSTRUCTIONS[_language(name)]
+            if _language(name)
+            else V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"]
+        )
         assert random.choice(pool) == info["template"], name
 
 
@@ -263,10 +305,12 @@ def test_greedy_generation_and_transcripts(case, processor, model):
     ]
     length = max(f["input_ids"].shape[1] for f in features)
     inputs = {
-        key: torch.cat([
-            torch.cat([fill.expand(1, length - f["input_ids"].shape[1], *f[key].shape[2:]), f[key]], dim=1)
-            for f in features
-        ])
+        key: torch.cat(
+            [
+                torch.cat([fill.expand(1, length - f["input_ids"].shape[1], *f[key].shape[2:]), f[key]], dim=1)
+                for f in features
+            ]
+        )
         for key, fill in (
             ("input_ids", torch.tensor(processor.tokenizer.pad_token_id)),
             ("audio_input_ids", torch.tensor(processor.audio_empty_ids).expand(processor.group_size, -1)),
@@ -313,13 +357,17 @@ def test_bf16_runs_and_completes(case):
     """bf16 model and codec: the prompt codes agree with the fp32 golden codes on most positions (measured 94-100%,
     channel 0 at least 98%; bf16 rounding moves a few quantizer decisions) and greedy generation finishes."""
     golden, _ = _golden(case)
-    processor = MiMoAudioProcessor.from_pretrained(_checkpoint(case), audio_tokenizer=_codec_dir(case), dtype=torch.bfloat16)
+    processor = MiMoAudioProcessor.from_pretrained(
+        _checkpoint(case), audio_tokenizer=_codec_dir(case), dtype=torch.bfloat16
+    )
     model = MiMoAudioForConditionalGeneration.from_pretrained(_checkpoint(case), dtype=torch.bfloat16).eval()
     (patches,) = processor.encode_audio((golden["wav24k.zh_m"], 24000))
     agreement = (patches.reshape(-1) == golden["codes.zh_m"]).float().mean().item()
     assert agreement > 0.9
     inputs = processor.asr((golden["wav24k.en_w"], 24000), language="en")
-    output = model.generate(**inputs, **processor.generation_kwargs("asr"), max_new_tokens=6, return_dict_in_generate=True)
+    output = model.generate(
+        **inputs, **processor.generation_kwargs("asr"), max_new_tokens=6, return_dict_in_generate=True
+    )
     assert output.sequences.shape[1] <= inputs["input_ids"].shape[1] + 6
     assert isinstance(processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1]).text[0], str)
 
@@ -342,7 +390,9 @@ def test_bad_input(tmp_path, processor):
 
 
 def test_mimo_audio_keeps_its_prompt_and_refuses_tags():
-    processor = MiMoAudioProcessor.from_pretrained(GOLDEN / "lm_a" / "checkpoint", audio_tokenizer=GOLDEN / "tok_a" / "checkpoint")
+    processor = MiMoAudioProcessor.from_pretrained(
+        GOLDEN / "lm_a" / "checkpoint", audio_tokenizer=GOLDEN / "tok_a" / "checkpoint"
+    )
     assert processor.model_variant == "mimo-audio"
     for language in ("zh", "en", ["en"]):
         with pytest.raises(ValueError, match="needs a MiMo-V2.5-ASR checkpoint"):

@@ -360,7 +360,9 @@ def cmd_asr(args) -> int:
         progress=progress,
     )
     bar.close()
-    outputs = [format_transcription(result, path, args.output_format, args.timestamps) for path, result in zip(files, results)]
+    outputs = [
+        format_transcription(result, path, args.output_format, args.timestamps) for path, result in zip(files, results)
+    ]
     if targets is not None:
         for target, output in zip(targets, outputs):
             _write_new_file(target, output + "\n")
@@ -676,13 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--language", choices=["zh", "en"], default=None, help="MiMo-V2.5-ASR only: the language to transcribe in"
     )
     asr.add_argument("--batch-size", type=int, default=8, help="segments per generate call (default 8)")
-    asr.add_argument(
-        "--max-segment-seconds", type=float, default=30.0, help="longest segment in seconds (default 30)"
-    )
+    asr.add_argument("--max-segment-seconds", type=float, default=30.0, help="longest segment in seconds (default 30)")
     asr.add_argument("--timestamps", action="store_true", help="print each segment with its start and end")
     asr.add_argument("--output-format", choices=["txt", "json", "srt"], default="txt", help="default txt")
     asr.add_argument(
-        "--output-dir", default=None, help="write FILE_STEM.FORMAT per input here instead of printing (never overwrites)"
+        "--output-dir",
+        default=None,
+        help="write FILE_STEM.FORMAT per input here instead of printing (never overwrites)",
     )
     asr.set_defaults(handler=cmd_asr)
 

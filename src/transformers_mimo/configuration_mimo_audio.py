@@ -589,4 +589,10 @@ def read_special_token_ids(pretrained_model_name_or_path, **kwargs) -> dict[str,
     return found
 
 
-__all__ = ["MODEL_VARIANTS", "V25_ASR_ARCHITECTURE", "MiMoAudioConfig", "MiMoAudioPatchEncoderConfig", "MiMoAudioPatchDecoderConfig"]
+__all__ = [
+    "MODEL_VARIANTS",
+    "V25_ASR_ARCHITECTURE",
+    "MiMoAudioConfig",
+    "MiMoAudioPatchEncoderConfig",
+    "MiMoAudioPatchDecoderConfig",
+]

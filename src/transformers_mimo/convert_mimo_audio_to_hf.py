@@ -151,7 +151,9 @@ def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationC
     eos_ids = [config.im_end_token_id] if asr_only else [config.im_end_token_id, config.eostm_token_id]
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.insert(0, tokenizer.eos_token_id)
-    text_sampling = {"do_sample": False} if asr_only else {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
+    text_sampling = (
+        {"do_sample": False} if asr_only else {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
+    )
     generation_config = GenerationConfig(
         **text_sampling,
         max_length=8192,

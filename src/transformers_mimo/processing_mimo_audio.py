@@ -686,7 +686,9 @@ class MiMoAudioProcessor(ProcessorMixin):
                 "`output_modality='text'` and `thinking=False`."
             )
         batch = [
-            _render_conversation(_check_conversation(conv, index), add_generation_prompt, output_modality, thinking, tag)
+            _render_conversation(
+                _check_conversation(conv, index), add_generation_prompt, output_modality, thinking, language_tag=tag
+            )
             for index, (conv, tag) in enumerate(zip(conversations, tags))
         ]
         return self._build_inputs(batch)
@@ -724,7 +726,9 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------------- task helpers
 
-    def asr(self, audio, *, language: str | list[str | None] | None = None, instruction: str | None = None) -> BatchFeature:
+    def asr(
+        self, audio, *, language: str | list[str | None] | None = None, instruction: str | None = None
+    ) -> BatchFeature:
         """
         Speech recognition: the user turn is the audio then an instruction; the answer is text.
 
