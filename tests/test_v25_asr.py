@@ -446,3 +446,22 @@ def test_finetune_example_on_v25(tmp_path):
         ["--model", str(_checkpoint("v25_lm_a")), "--audio_tokenizer", str(_codec_dir("v25_lm_a")), "--steps", "3"]
     )
     assert len(losses) == 3 and losses[2] < losses[1] < losses[0]
+
+
+def test_cli_encodes_v25_audio_with_its_recipe(case, processor):
+    """The CLI's pre-encoding of audio files (used by `understand` / `chat`) follows the checkpoint's recipe."""
+    from transformers_mimo import cli
+
+    golden, _ = _golden(case)
+    item = cli._encoded_audio(processor, str(AUDIO / "prompt_speech_en_w.wav"))
+    assert torch.equal(item["audio_codes"].T.reshape(-1), golden["codes.en_w"])
+
+
+def test_a_null_audio_config_is_kept(tmp_path):
+    shutil.copytree(_checkpoint("v25_lm_a"), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(path.read_text())
+    config["audio_config"] = None
+    path.write_text(json.dumps(config))
+    loaded = MiMoAudioConfig.from_pretrained(tmp_path / "ckpt")
+    assert loaded.model_variant == "mimo-v2.5-asr" and loaded.original_extra_config["audio_config"] is None

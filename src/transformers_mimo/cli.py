@@ -472,7 +472,10 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
 
 def _encoded_audio(processor, path: str) -> dict:
     """An audio file as a content item of precomputed codes, encoded with a progress bar (long files take a while);
-    the processor would compute the same codes from the path."""
+    the processor would compute the same codes from the path. A MiMo-V2.5-ASR processor encodes with its own recipe."""
+    if processor.model_variant == "mimo-v2.5-asr":
+        (patches,) = processor.encode_audio(path)
+        return {"type": "audio", "audio_codes": patches.reshape(-1, processor.audio_channels).T}
     waveform, rate = read_audio(path)
     codes = encode_waveform(
         processor.audio_tokenizer, processor.feature_extractor, waveform, rate, processor.audio_channels

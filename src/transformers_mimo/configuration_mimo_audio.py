@@ -372,7 +372,7 @@ def convert_original_config_dict(config_dict: dict, special_token_ids: dict[str,
     if V25_ASR_ARCHITECTURE in (config_dict.get("architectures") or []):
         converted["model_variant"] = "mimo-v2.5-asr"
     extra = {key: value for key, value in config_dict.items() if key not in _READ_ORIGINAL_KEYS}
-    if "audio_config" in extra:
+    if extra.get("audio_config") is not None:
         extra["audio_config"] = _unrepeated_audio_config(config_dict)
         if not extra["audio_config"]:
             del extra["audio_config"]
