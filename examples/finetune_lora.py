@@ -12,8 +12,14 @@ The released model on a GPU, 4-bit (QLoRA):
         --audio_tokenizer XiaomiMiMo/MiMo-Audio-Tokenizer --device cuda --dtype bfloat16 --load_in_4bit \
         --data my_data.jsonl --steps 1000 --output_dir mimo-audio-lora
 
-`--data` is a JSON-lines file of `{"audio": "path/to/clip.wav", "text": "its transcript"}`; each line gives one ASR
-sample and one TTS sample. Without it, the clip of tests/fixtures/audio is used.
+MiMo-V2.5-ASR (an original or converted directory; tiny: tests/fixtures/golden/v25_lm_a/checkpoint) is trained on
+its own ASR layout only: the answer opens with the language tag (`<chinese>` / `<english>`, from the record's
+`"language"`: "zh" / "en"; no tag without one) followed by the transcript, after an instruction drawn from its
+template sentences, exactly as `processor.asr(audio, language=None)` prompts it at inference.
+
+`--data` is a JSON-lines file of `{"audio": "path/to/clip.wav", "text": "its transcript", "language": "zh"}`
+(`language` optional, used by MiMo-V2.5-ASR); each line gives one ASR sample and, for MiMo-Audio, one TTS sample.
+Without it, the clip of tests/fixtures/audio is used.
 """
 
 import argparse
@@ -27,6 +33,8 @@ from transformers import BitsAndBytesConfig
 
 from transformers_mimo import (
     QUANTIZATION_SKIP_MODULES,
+    V25_ASR_INSTRUCTIONS,
+    V25_LANGUAGE_TAGS,
     MiMoAudioDataCollator,
     MiMoAudioForConditionalGeneration,
     MiMoAudioProcessor,
@@ -34,7 +42,9 @@ from transformers_mimo import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = [{"audio": str(REPO / "tests/fixtures/audio/weather_today_zh.mp3"), "text": "今天天气如何？"}]
+DEFAULT_DATA = [
+    {"audio": str(REPO / "tests/fixtures/audio/weather_today_zh.mp3"), "text": "今天天气如何？", "language": "zh"}
+]
 ASR_INSTRUCTION = "Please convert the recording to written format"
 TTS_INSTRUCTION = "Please convert this text to speech"
 
@@ -43,7 +53,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="MiMo-Audio checkpoint (converted or original layout).")
     parser.add_argument("--audio_tokenizer", required=True, help="MiMo-Audio-Tokenizer checkpoint (the codec).")
-    parser.add_argument("--data", help="JSON lines of {'audio': path, 'text': transcript}.")
+    parser.add_argument("--data", help="JSON lines of {'audio': path, 'text': transcript, 'language': 'zh'|'en'}.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--load_in_4bit", action="store_true", help="QLoRA: nf4 LLM weights (bitsandbytes).")
@@ -96,8 +106,30 @@ def load_model(args):
     return get_peft_model(model, lora_config)
 
 
+def build_v25_asr_sample(processor, record: dict) -> dict:
+    """
+    A MiMo-V2.5-ASR sample: the audio and an instruction drawn as the original does, then the answer: the language
+    tag and the transcript (the tag is trained; at inference it ends the prompt when a language is given).
+    """
+    language = record.get("language")
+    if language not in V25_LANGUAGE_TAGS:
+        raise ValueError(f"`language` of {record['audio']!r} must be 'zh', 'en' or absent, got {language!r}.")
+    pool = V25_ASR_INSTRUCTIONS[language] if language else V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"]
+    conversation = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "path": record["audio"]}, {"type": "text", "text": random.choice(pool)}],
+        },
+        {"role": "assistant", "content": V25_LANGUAGE_TAGS[language] + record["text"], "thinking": ""},
+    ]
+    return dict(processor.apply_chat_template(conversation, add_generation_prompt=False))
+
+
 def build_samples(processor, records: list[dict]) -> list[dict]:
-    """One ASR sample (audio -> transcript) and one TTS sample (transcript -> audio) per record."""
+    """One ASR sample (audio -> transcript) and one TTS sample (transcript -> audio) per record; MiMo-V2.5-ASR
+    checkpoints get their ASR sample only."""
+    if processor.model_variant == "mimo-v2.5-asr":
+        return [build_v25_asr_sample(processor, record) for record in records]
     samples = []
     for record in records:
         audio = {"type": "audio", "path": record["audio"]}

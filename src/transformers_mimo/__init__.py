@@ -19,7 +19,12 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 
 from .audio_utils import htk_mel_filter_bank, resample_waveform
-from .configuration_mimo_audio import MiMoAudioConfig, MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
+from .configuration_mimo_audio import (
+    MiMoAudioConfig,
+    MiMoAudioPatchDecoderConfig,
+    MiMoAudioPatchEncoderConfig,
+    route_original_checkpoints_to_mimo_audio,
+)
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
@@ -40,7 +45,13 @@ from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerStreamingDecoderOutput,
     convert_original_state_dict,
 )
-from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
+from .processing_mimo_audio import (
+    V25_ASR_INSTRUCTIONS,
+    V25_LANGUAGE_TAGS,
+    MiMoAudioDecodedOutput,
+    MiMoAudioProcessor,
+)
+from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe
 from .training_mimo_audio import (
     LORA_TARGET_MODULES,
     QUANTIZATION_SKIP_MODULES,
@@ -68,6 +79,8 @@ AutoModel.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=
 AutoModelForTextToWaveform.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(MiMoAudioConfig, MiMoAudioForConditionalGeneration, exist_ok=True)
 AutoTokenizer.register(MiMoAudioConfig, tokenizer_class=Qwen2Tokenizer, exist_ok=True)
+# Original MiMo-Audio / MiMo-V2.5-ASR directories say `model_type: "qwen2"`: the Auto classes read them as MiMo-Audio.
+route_original_checkpoints_to_mimo_audio()
 # Original MiMo-Audio checkpoints (flat `model.*`, `speech_embeddings.*`, `local_transformer.*`, ...) load directly.
 register_checkpoint_conversion_mapping(
     "MiMoAudioForConditionalGeneration",
@@ -88,6 +101,8 @@ __all__ = [
     "ORIGINAL_CHECKPOINT_KEY_MAPPING",
     "QUANTIZATION_SKIP_MODULES",
     "UNQUANTIZED_MODULES",
+    "V25_ASR_INSTRUCTIONS",
+    "V25_LANGUAGE_TAGS",
     "MiMoAudioConfig",
     "MiMoAudioDataCollator",
     "MiMoAudioDecodedOutput",
@@ -110,11 +125,15 @@ __all__ = [
     "MiMoAudioTokenizerPreTrainedModel",
     "MiMoAudioTokenizerStreamingCache",
     "MiMoAudioTokenizerStreamingDecoderOutput",
+    "Transcription",
+    "TranscriptionSegment",
     "compute_logprobs",
     "convert_original_state_dict",
+    "find_speech_segments",
     "get_lora_target_modules",
     "htk_mel_filter_bank",
     "resample_waveform",
+    "transcribe",
 ]
 
 

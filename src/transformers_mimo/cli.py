@@ -2,7 +2,8 @@
 
     mimo-audio demo                                      # tiny bundled random checkpoints, no network
     mimo-audio tts "Today is a nice day." --output day.wav [--instruct STYLE] [--voice PROMPT.wav]
-    mimo-audio asr speech.wav
+    mimo-audio asr speech.wav [more.wav ...] [--language zh|en] [--batch-size 8] [--timestamps]
+                   [--output-format txt|json|srt] [--output-dir DIR]
     mimo-audio understand clip.wav --question "What is happening?" [--thinking]
     mimo-audio chat --audio question.wav [--text ...] [--assistant ...] [--system ...] [--output reply.wav]
     mimo-audio reconstruct speech.wav --output speech_codec.wav [--num-quantizers 8]
@@ -258,12 +259,119 @@ def cmd_tts(args) -> int:
     return 0
 
 
+def _srt_time(seconds: float) -> str:
+    milliseconds = round(seconds * 1000)
+    hours, rest = divmod(milliseconds, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d},{rest % 1000:03d}"
+
+
+def format_transcription(result, path: str, output_format: str, timestamps: bool) -> str:
+    """One file's transcript as `txt` (the text, or `[start - end] text` lines), `json` or `srt`."""
+    import json
+
+    if output_format == "json":
+        record = {"file": path, "duration": round(result.duration, 3), "text": result.text}
+        if timestamps:
+            record["segments"] = [vars(segment) for segment in result.segments]
+        return json.dumps(record, ensure_ascii=False)
+    if output_format == "srt":
+        return "\n".join(
+            f"{index}\n{_srt_time(segment.start)} --> {_srt_time(segment.end)}\n{segment.text}\n"
+            for index, segment in enumerate(result.segments, start=1)
+        )
+    if timestamps:
+        return "\n".join(f"[{segment.start:.2f} - {segment.end:.2f}] {segment.text}" for segment in result.segments)
+    return result.text
+
+
+def _write_new_file(path: Path, content: str):
+    """Write `content` to a new file through a temporary file in the same folder (never over an existing file)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(content)
+    try:
+        os.link(handle.name, path)  # fails if `path` appeared meanwhile, unlike a rename
+    except FileExistsError:
+        raise InputError(f"{str(path)!r} already exists; not overwriting it.") from None
+    finally:
+        os.unlink(handle.name)
+
+
 def cmd_asr(args) -> int:
-    audio = _check_input_file(args.audio)
+    from .configuration_mimo_audio import MiMoAudioConfig
+    from .transcription_mimo_audio import transcribe
+
+    import soundfile as sf
+
+    files = [_check_input_file(path) for path in args.audio]
+    for path in files:
+        if sf.info(path).frames == 0:
+            raise InputError(f"audio file {path!r} holds no samples.")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be positive.")
+    if args.max_segment_seconds < 1:
+        raise InputError("--max-segment-seconds must be at least 1.")
+    targets = None
+    if args.output_dir is not None:
+        folder = Path(args.output_dir)
+        if not folder.is_dir():
+            raise InputError(f"--output-dir {str(folder)!r} is not a directory.")
+        targets = [folder / f"{Path(path).stem}.{args.output_format}" for path in files]
+        clashes = [str(target) for target in targets if target.exists()] or (
+            [str(targets[0])] if len(set(targets)) < len(targets) else []
+        )
+        if clashes:
+            raise InputError(f"{clashes[0]!r} already exists or two inputs share a name; not overwriting it.")
+    elif args.output_format == "srt" and len(files) > 1:
+        raise InputError("--output-format srt with several files needs --output-dir (one .srt per file).")
+    if args.language is not None:
+        variant = MiMoAudioConfig.from_pretrained(_check_checkpoint(args.model, "--model")).model_variant
+        if variant != "mimo-v2.5-asr":
+            raise InputError(
+                f"--language needs a MiMo-V2.5-ASR checkpoint; {args.model!r} is {variant!r}, which was not trained "
+                "with language tags."
+            )
+
     model, processor = load_model_and_processor(args)
-    inputs = processor.asr(_encoded_audio(processor, audio))
-    text, _, _ = run_generation(model, processor, inputs, args, task="asr", description="asr")
-    print(text)
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="asr", unit="segment", file=sys.stderr, disable=None, leave=False)
+
+    def progress(done: int, total: int):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    overrides = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
+    results = transcribe(
+        model,
+        processor,
+        files,
+        language=args.language,
+        batch_size=args.batch_size,
+        max_segment_seconds=args.max_segment_seconds,
+        max_new_tokens=args.max_new_tokens,
+        generation_kwargs=overrides,
+        progress=progress,
+    )
+    bar.close()
+    outputs = [
+        format_transcription(result, path, args.output_format, args.timestamps) for path, result in zip(files, results)
+    ]
+    if targets is not None:
+        for target, output in zip(targets, outputs):
+            _write_new_file(target, output + "\n")
+            print(f"{target}", file=sys.stderr)
+    elif args.output_format == "txt" and len(files) > 1:
+        for path, output in zip(files, outputs):
+            print(f"{path}\t{output}" if not args.timestamps else f"== {path}\n{output}")
+    else:
+        print("\n".join(outputs))
     return 0
 
 
@@ -364,7 +472,10 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
 
 def _encoded_audio(processor, path: str) -> dict:
     """An audio file as a content item of precomputed codes, encoded with a progress bar (long files take a while);
-    the processor would compute the same codes from the path."""
+    the processor would compute the same codes from the path. A MiMo-V2.5-ASR processor encodes with its own recipe."""
+    if processor.model_variant == "mimo-v2.5-asr":
+        (patches,) = processor.encode_audio(path)
+        return {"type": "audio", "audio_codes": patches.reshape(-1, processor.audio_channels).T}
     waveform, rate = read_audio(path)
     codes = encode_waveform(
         processor.audio_tokenizer, processor.feature_extractor, waveform, rate, processor.audio_channels
@@ -558,8 +669,26 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--voice", default=None, metavar="PROMPT.wav", help="voice prompt to clone")
     tts.set_defaults(handler=cmd_tts)
 
-    asr = commands.add_parser("asr", parents=[model], help="speech recognition")
-    asr.add_argument("audio", help="audio file (wav, flac, mp3, ...)")
+    asr = commands.add_parser(
+        "asr",
+        parents=[model],
+        help="speech recognition of audio files of any length",
+        description="Transcribe audio files (MiMo-V2.5-ASR or MiMo-Audio-7B-Instruct). Files longer than "
+        "--max-segment-seconds are cut at pauses and their segments transcribed in batches.",
+    )
+    asr.add_argument("audio", nargs="+", help="audio files (wav, flac, mp3, ...)")
+    asr.add_argument(
+        "--language", choices=["zh", "en"], default=None, help="MiMo-V2.5-ASR only: the language to transcribe in"
+    )
+    asr.add_argument("--batch-size", type=int, default=8, help="segments per generate call (default 8)")
+    asr.add_argument("--max-segment-seconds", type=float, default=30.0, help="longest segment in seconds (default 30)")
+    asr.add_argument("--timestamps", action="store_true", help="print each segment with its start and end")
+    asr.add_argument("--output-format", choices=["txt", "json", "srt"], default="txt", help="default txt")
+    asr.add_argument(
+        "--output-dir",
+        default=None,
+        help="write FILE_STEM.FORMAT per input here instead of printing (never overwrites)",
+    )
     asr.set_defaults(handler=cmd_asr)
 
     understand = commands.add_parser("understand", parents=[model], help="answer a question about an audio clip")

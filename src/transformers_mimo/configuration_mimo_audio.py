@@ -52,6 +52,12 @@ SPECIAL_TOKENS = {
     "im_end_token_id": "<|im_end|>",
 }
 
+# `config.json` architecture of Xiaomi's MiMo-V2.5-ASR release (a MiMo-Audio model trained for speech recognition).
+V25_ASR_ARCHITECTURE = "MiMoV2ASRForCausalLM"
+# `MiMoAudioConfig.model_variant`: which release a checkpoint comes from. It decides the processor's audio recipe and
+# ASR prompt and the generation defaults written by the conversion.
+MODEL_VARIANTS = ("mimo-audio", "mimo-v2.5-asr")
+
 # Loss weights of the official training recipe for 8 codebooks (text weight 100, sum 136).
 _DEFAULT_AUDIO_LOSS_WEIGHTS = [12.0, 8.0, 6.0, 4.0, 2.0, 2.0, 1.0, 1.0]
 
@@ -146,6 +152,13 @@ class MiMoAudioConfig(PreTrainedConfig):
             for other counts the first entries of that list, then 1 for every further codebook.
         empty_token_loss_weight (`float`, *optional*, defaults to 0.01):
             Weight of text targets equal to `<|empty|>` in the text loss.
+        model_variant (`str`, *optional*, defaults to `"mimo-audio"`):
+            The release the weights come from: `"mimo-audio"` (MiMo-Audio-7B-Base / -Instruct) or `"mimo-v2.5-asr"`
+            (MiMo-V2.5-ASR, whose processor cuts audio into 30 s chunks and tags the ASR answer with its language).
+        original_extra_config (`dict`, *optional*):
+            Keys of the original `config.json` that no part of the model reads (training switches such as `n_rvq` or
+            `no_text_loss`, the V2.5-ASR release's nested `audio_config` minus the values it repeats), kept as they
+            were so that nothing of the original config is dropped.
 
     The original checkpoints store a flat Qwen2 config (`model_type: "qwen2"`) with dash-separated strings; those are
     translated on load (see [`convert_original_config_dict`]).
@@ -179,6 +192,8 @@ class MiMoAudioConfig(PreTrainedConfig):
     audio_loss_weights: list[float] | None = None
     empty_token_loss_weight: float = 0.01
     tie_word_embeddings: bool = False
+    model_variant: str = "mimo-audio"
+    original_extra_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.audio_vocab_sizes is None:
@@ -213,6 +228,8 @@ class MiMoAudioConfig(PreTrainedConfig):
             raise ValueError(f"`delay_pattern` must be non-negative, got {self.delay_pattern}.")
         if self.group_size < 1:
             raise ValueError(f"`group_size` must be positive, got {self.group_size}.")
+        if self.model_variant not in MODEL_VARIANTS:
+            raise ValueError(f"`model_variant` must be one of {list(MODEL_VARIANTS)}, got {self.model_variant!r}.")
 
     @property
     def patch_decoder_steps(self) -> int:
@@ -350,8 +367,179 @@ def convert_original_config_dict(config_dict: dict, special_token_ids: dict[str,
             converted[key] = config_dict[key]
     if "empty_loss_weight" in config_dict:
         converted["empty_token_loss_weight"] = float(config_dict["empty_loss_weight"])
+    if config_dict.get("layer_types") is not None:
+        text_config["layer_types"] = _checked_layer_types(config_dict)
+    if V25_ASR_ARCHITECTURE in (config_dict.get("architectures") or []):
+        converted["model_variant"] = "mimo-v2.5-asr"
+    extra = {key: value for key, value in config_dict.items() if key not in _READ_ORIGINAL_KEYS}
+    if extra.get("audio_config") is not None:
+        extra["audio_config"] = _unrepeated_audio_config(config_dict)
+        if not extra["audio_config"]:
+            del extra["audio_config"]
+    _check_repeated_training_keys(config_dict)
+    if extra:
+        converted["original_extra_config"] = extra
     converted.update(special_token_ids or {})
     return converted
+
+
+# Keys of the original flat config that the translation above reads (everything else is kept in
+# `original_extra_config`).
+_READ_ORIGINAL_KEYS = frozenset(
+    (
+        *_ORIGINAL_TEXT_KEYS,
+        "model_type",
+        "architectures",
+        "head_dim",
+        "layer_types",
+        "local_dim",
+        "local_layers",
+        "local_attn_heads",
+        "local_ffn_dim",
+        "local_attn_dropout",
+        "input_local_dim",
+        "input_local_layers",
+        "input_full_attention",
+        "group_size",
+        "audio_channels",
+        "speech_vocab_size",
+        "speech_zeroemb_idx",
+        "delay_pattern",
+        "empty_loss_weight",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "_name_or_path",
+    )
+)
+
+
+def _original_value(config_dict: dict, key: str, default=None):
+    value = config_dict.get(key)
+    return default if value is None else value
+
+
+def _repeated_audio_config_values(config_dict: dict) -> dict:
+    """
+    Values the V2.5-ASR release's nested `audio_config` repeats from the flat config the original code reads (which
+    never reads `audio_config`): nested key -> (the value the model is built with, where it comes from).
+    """
+    channels = int(_original_value(config_dict, "audio_channels", 8))
+    heads = int(_original_value(config_dict, "local_attn_heads", 64))
+    encoder_dim = int(config_dict.get("input_local_dim") or _original_value(config_dict, "local_dim", 1024))
+    per_channel = {
+        key: (_parse_per_channel(config_dict[key], channels, key), key)
+        for key in ("speech_vocab_size", "speech_zeroemb_idx")
+        if key in config_dict
+    }
+    values = {
+        "audio_channels": (channels, "audio_channels"),
+        "group_size": (int(_original_value(config_dict, "group_size", 4)), "group_size"),
+        "input_full_attention": (bool(config_dict.get("input_full_attention")), "input_full_attention"),
+        "input_local_attn_heads": (heads, "local_attn_heads"),
+        "input_local_dim": (encoder_dim, "input_local_dim (or local_dim)"),
+        "input_local_head_dim": (encoder_dim // heads, "input_local_dim // local_attn_heads"),
+        "input_local_intermediate_size": (4 * encoder_dim, "4 * input_local_dim"),
+        "input_local_layers": (int(_original_value(config_dict, "input_local_layers", 6)), "input_local_layers"),
+        "out_hidden_size": (config_dict.get("hidden_size"), "hidden_size"),
+        "rope_theta": (config_dict.get("rope_theta"), "rope_theta"),
+        "input_local_hidden_dropout": (config_dict.get("local_hidden_dropout"), "local_hidden_dropout"),
+        **per_channel,
+    }
+    return {key: value for key, value in values.items() if value[0] is not None}
+
+
+def _same(nested, expected, key: str, channels: int) -> bool:
+    if key in ("speech_vocab_size", "speech_zeroemb_idx"):
+        return _parse_per_channel(nested, channels, f"audio_config.{key}") == expected
+    if isinstance(expected, bool):
+        return bool(nested) == expected
+    if isinstance(expected, (int, float)) and isinstance(nested, (int, float)) and not isinstance(nested, bool):
+        return float(nested) == float(expected)
+    return nested == expected
+
+
+def _unrepeated_audio_config(config_dict: dict) -> dict:
+    """
+    Checks the values the nested `audio_config` repeats against the flat config (a contradiction is an error, since
+    the original silently uses the flat value) and returns the nested keys that repeat nothing.
+    """
+    nested = config_dict["audio_config"]
+    if not isinstance(nested, dict):
+        raise ValueError(f"The original config's `audio_config` must be a dict, got {type(nested).__name__}.")
+    repeated = _repeated_audio_config_values(config_dict)
+    channels = int(_original_value(config_dict, "audio_channels", 8))
+    for key, (expected, source) in repeated.items():
+        if key in nested and not _same(nested[key], expected, key, channels):
+            raise ValueError(
+                f"The original config contradicts itself: `audio_config.{key}`={nested[key]!r} but the model is built "
+                f"with {expected!r} (from `{source}`). Fix one of them in config.json."
+            )
+    return {key: value for key, value in nested.items() if key not in repeated}
+
+
+def _check_repeated_training_keys(config_dict: dict):
+    """Top-level keys the original never reads but that restate a value it does read must agree with it."""
+    rope_theta = config_dict.get("rope_theta")
+    local_base = config_dict.get("local_rotary_base")
+    if local_base is not None and rope_theta is not None and float(local_base) != float(rope_theta):
+        raise ValueError(
+            f"The original config contradicts itself: `local_rotary_base`={local_base!r} but the patch transformers "
+            f"use the backbone's `rope_theta`={rope_theta!r} (as the original code does). Fix one of them in config.json."
+        )
+    channels = int(_original_value(config_dict, "audio_channels", 8))
+    n_rvq = config_dict.get("n_rvq")
+    if n_rvq is not None and int(n_rvq) < channels:
+        raise ValueError(
+            f"The original config contradicts itself: `n_rvq`={n_rvq!r} codebooks but `audio_channels`={channels}."
+        )
+
+
+def _checked_layer_types(config_dict: dict) -> list[str]:
+    """The transformers-4.57 `layer_types` list, checked against the layer count and the sliding-window switch."""
+    layer_types = list(config_dict["layer_types"])
+    layers = config_dict.get("num_hidden_layers")
+    if layers is not None and len(layer_types) != int(layers):
+        raise ValueError(
+            f"The original config contradicts itself: `layer_types` has {len(layer_types)} entries but "
+            f"`num_hidden_layers` is {layers}."
+        )
+    if not config_dict.get("use_sliding_window") and set(layer_types) - {"full_attention"}:
+        raise ValueError(
+            f"The original config contradicts itself: `layer_types`={layer_types} but `use_sliding_window` is off."
+        )
+    return layer_types
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "_commit_hash")
+
+
+def route_original_checkpoints_to_mimo_audio():
+    """
+    Make `AutoConfig.from_pretrained` (and so `AutoModel.from_pretrained`, `AutoProcessor`, ...) read an original
+    MiMo-Audio or MiMo-V2.5-ASR directory as a [`MiMoAudioConfig`]. Their `config.json` says `model_type: "qwen2"`,
+    which Transformers would load as a plain Qwen2 model that ignores every audio weight. Other Qwen2 checkpoints are
+    untouched. Called once when `transformers_mimo` is imported.
+    """
+    if getattr(AutoConfig.from_pretrained, "_routes_original_mimo_audio", False):
+        return
+    auto_from_pretrained = AutoConfig.from_pretrained.__func__
+
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        lookup = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        try:
+            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **lookup)
+        except Exception:  # not readable here: the Auto loader reports it
+            config_dict = {}
+        if not is_original_config_dict(config_dict):
+            return auto_from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+        for key in ("code_revision", "trust_remote_code"):
+            kwargs.pop(key, None)
+        return MiMoAudioConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    from_pretrained._routes_original_mimo_audio = True
+    from_pretrained.__doc__ = AutoConfig.from_pretrained.__doc__
+    AutoConfig.from_pretrained = classmethod(from_pretrained)
 
 
 def special_token_ids_from_vocab(token_to_id: dict[str, int]) -> dict[str, int]:
@@ -401,4 +589,10 @@ def read_special_token_ids(pretrained_model_name_or_path, **kwargs) -> dict[str,
     return found
 
 
-__all__ = ["MiMoAudioConfig", "MiMoAudioPatchEncoderConfig", "MiMoAudioPatchDecoderConfig"]
+__all__ = [
+    "MODEL_VARIANTS",
+    "V25_ASR_ARCHITECTURE",
+    "MiMoAudioConfig",
+    "MiMoAudioPatchEncoderConfig",
+    "MiMoAudioPatchDecoderConfig",
+]

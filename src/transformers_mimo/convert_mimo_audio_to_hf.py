@@ -1,11 +1,11 @@
 """Converts an original MiMo-Audio language model checkpoint (and optionally its audio tokenizer) to this package's
 Hugging Face layout.
 
-    python -m transformers_mimo.convert_mimo_audio_to_hf --input_dir MiMo-Audio-7B-Instruct \
+    python -m transformers_mimo.convert_mimo_audio_to_hf --input_dir MiMo-Audio-7B-Instruct (or MiMo-V2.5-ASR) \
         [--tokenizer_dir MiMo-Audio-Tokenizer] --output_dir mimo-audio-hf [--dtype bfloat16] [--force] [--verify]
 
 Writes `config.json` (`model_type: "mimo_audio"`), sharded safetensors with renamed keys, `generation_config.json`
-(the original's default sampling), the text tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`,
+(the original's default sampling; greedy ASR for a MiMo-V2.5-ASR checkpoint), the text tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`,
 the converted audio tokenizer in `audio_tokenizer/`.
 """
 
@@ -143,15 +143,19 @@ def load_text_tokenizer(input_dir: Path):
 
 def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationConfig:
     """The original's default sampling: text top-k 50 / top-p 0.95 / temperature 0.6, audio top-p 0.95 /
-    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; at most 8192 positions."""
-    eos_ids = [config.im_end_token_id, config.eostm_token_id]
+    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; at most 8192 positions.
+
+    A MiMo-V2.5-ASR checkpoint gets that release's ASR settings instead: greedy text, audio as above (used only if
+    the model emits `<|empty|>`), stops at end-of-text and `<|im_end|>`."""
+    asr_only = config.model_variant == "mimo-v2.5-asr"
+    eos_ids = [config.im_end_token_id] if asr_only else [config.im_end_token_id, config.eostm_token_id]
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.insert(0, tokenizer.eos_token_id)
+    text_sampling = (
+        {"do_sample": False} if asr_only else {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
+    )
     generation_config = GenerationConfig(
-        do_sample=True,
-        temperature=0.6,
-        top_k=50,
-        top_p=0.95,
+        **text_sampling,
         max_length=8192,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,

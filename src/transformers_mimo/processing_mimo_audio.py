@@ -14,6 +14,7 @@ interleaved with 5 patches, `<|eot|>`, `<|eostm|>`), the generation prompts and 
 
 import io
 import os
+import random
 import re
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
-from .configuration_mimo_audio import MiMoAudioConfig
+from .audio_utils import resample_waveform
+from .configuration_mimo_audio import MODEL_VARIANTS, MiMoAudioConfig
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
@@ -73,6 +75,43 @@ ICL_AFTER_EXAMPLE = " \n\n"
 # that list per task (and language, for TTS). Every helper takes `instruction=` to use any other sentence.
 DEFAULT_ASR_INSTRUCTION = "Please convert the recording to written format"
 DEFAULT_TTS_INSTRUCTION = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
+
+# MiMo-V2.5-ASR: the ASR answer opens with a language tag (plain text, after the empty thinking block), and without an
+# explicit instruction one is drawn with `random.choice` from the sentences of that language (from both lists when no
+# language is given), as the original's `get_asr_sft_prompt` does. These are the sentences of its template lists
+# (XiaomiMiMo/MiMo-V2.5-ASR, MIT, src/mimo_audio/templates.py), in its order: the model was trained with them, and the
+# order decides which one a seeded draw picks.
+V25_LANGUAGE_TAGS = {None: "", "zh": "<chinese>", "en": "<english>"}
+V25_ASR_INSTRUCTIONS = {
+    "zh": (
+        "请将这段语音转换为文字",
+        "帮我识别这个音频文件中的内容",
+        "把这段录音转成文本",
+        "请转录这段语音",
+        "将音频内容转换成文字格式",
+        "识别并转写这段语音",
+        "把语音内容写成文字",
+        "转录这个音频片段",
+        "将这段对话转换为文本",
+        "麻烦帮我把这段录音整理成详细的文字记录",
+    ),
+    "en": (
+        "Please transcribe this audio file",
+        "Convert this speech recording to text",
+        "Transcribe the following voice message",
+        "Turn this audio into readable text",
+        "Please convert the recording to written format",
+        "Transcribe what you hear in this audio",
+        "Convert this spoken content to text",
+        "Please write down what is said in this recording",
+        "Transcribe this voice recording",
+        "Could you please help me transcribe this important recording?",
+        "Would you mind converting this voice message into a readable text format?",
+        "I'd really appreciate it if you could turn this audio file into a written document",
+    ),
+}
+# MiMo-V2.5-ASR encodes audio in waveform chunks of this many seconds, each with its own log-mel.
+V25_CHUNK_SECONDS = 30
 
 # Assistant speech stream: text chunks of this many tokens interleaved with audio chunks of this many patches.
 STREAM_TEXT_CHUNK = 5
@@ -142,14 +181,14 @@ def _tts_text(text: str) -> str:
     return text.capitalize() if text.isupper() or text.islower() else text
 
 
-def _generation_prompt(output_modality: str, thinking: bool) -> list:
-    """How the assistant turn opens when the model is asked to answer."""
+def _generation_prompt(output_modality: str, thinking: bool, language_tag: str = "") -> list:
+    """How the assistant turn opens when the model is asked to answer (a V2.5-ASR language tag ends the opening)."""
     if thinking:
         ending = THINK_OPEN
     elif output_modality == "audio":
         ending = SPECIAL_TOKENS["sostm_token"]
     else:
-        ending = THINK_SKIPPED
+        ending = THINK_SKIPPED + language_tag
     return [_Text(TURN_START.format(role="assistant")), _Text(ending)]
 
 
@@ -179,12 +218,14 @@ def _render_turn(role: str, items: list[dict], thinking: str | None = None) -> l
     return pieces
 
 
-def _render_conversation(conversation: list[dict], add_generation_prompt: bool, output_modality: str, thinking: bool):
+def _render_conversation(
+    conversation: list[dict], add_generation_prompt: bool, output_modality: str, thinking: bool, language_tag: str = ""
+):
     pieces = []
     for message in conversation:
         pieces.extend(_render_turn(message["role"], message["content"], message.get("thinking")))
     if add_generation_prompt:
-        pieces.extend(_generation_prompt(output_modality, thinking))
+        pieces.extend(_generation_prompt(output_modality, thinking, language_tag))
     return pieces
 
 
@@ -380,6 +421,22 @@ def _is_conversation_batch(conversation) -> bool:
     return isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
 
 
+def _clean_v25_transcript(text: str) -> str:
+    """
+    MiMo-V2.5-ASR's transcript cleanup, in the original's order: strip, remove `<|empty|>`, `<|eot|>` and
+    `<|eostm|>`, then, when a language tag is left, remove `<chinese>` / `<english>` and strip again.
+    """
+    text = text.strip()
+    for token in (SPECIAL_TOKENS["empty_token"], SPECIAL_TOKENS["eot_token"], SPECIAL_TOKENS["eostm_token"]):
+        text = text.replace(token, "")
+    tags = [tag for tag in V25_LANGUAGE_TAGS.values() if tag]
+    if any(tag in text for tag in tags):
+        for tag in tags:
+            text = text.replace(tag, "")
+        text = text.strip()
+    return text
+
+
 def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFeatureExtractor:
     """The log-mel settings the codec was trained with (the released codec's defaults without one)."""
     if codec is None:
@@ -429,6 +486,9 @@ class MiMoAudioProcessor(ProcessorMixin):
         audio_channels (`int`, *optional*, defaults to 8): codebooks read by the model (`audio_channels`).
         audio_empty_ids (`list[int]`, *optional*): each channel's empty id (the model config's `audio_empty_ids`);
             defaults to the released checkpoints' `[1024, 1024, 128, ...]`.
+        model_variant (`str`, *optional*, defaults to `"mimo-audio"`): the model config's `model_variant`. With
+            `"mimo-v2.5-asr"` audio is encoded with MiMo-V2.5-ASR's recipe (30 s waveform chunks, see
+            `encode_audio`), `asr` takes a `language`, and decoded text is cleaned as that release's ASR does.
     """
 
     def __init__(
@@ -439,7 +499,10 @@ class MiMoAudioProcessor(ProcessorMixin):
         group_size: int = 4,
         audio_channels: int = 8,
         audio_empty_ids: list[int] | None = None,
+        model_variant: str = "mimo-audio",
     ):
+        if model_variant not in MODEL_VARIANTS:
+            raise ValueError(f"`model_variant` must be one of {list(MODEL_VARIANTS)}, got {model_variant!r}.")
         if audio_empty_ids is None:
             audio_empty_ids = ([1024, 1024] + [128] * audio_channels)[:audio_channels]
         if group_size < 1 or audio_channels < 1:
@@ -451,6 +514,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         self.group_size = group_size
         self.audio_channels = audio_channels
         self.audio_empty_ids = [int(value) for value in audio_empty_ids]
+        self.model_variant = model_variant
 
         missing = [token for token in SPECIAL_TOKENS.values() if token not in tokenizer.get_vocab()]
         if missing:
@@ -550,6 +614,7 @@ class MiMoAudioProcessor(ProcessorMixin):
                 group_size=config.group_size,
                 audio_channels=config.audio_channels,
                 audio_empty_ids=config.audio_empty_ids,
+                model_variant=config.model_variant,
             )
         if processor.audio_tokenizer is not None:
             if device is not None or dtype is not None:
@@ -574,6 +639,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         add_generation_prompt: bool = True,
         output_modality: str = "text",
         thinking: bool = False,
+        language: str | list[str | None] | None = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -600,6 +666,8 @@ class MiMoAudioProcessor(ProcessorMixin):
                 `<|sostm|>`; `"text"` opens with an empty thinking block `<think>\n\n</think>\n`.
             thinking (`bool`, defaults to `False`): open with `<think>\n` instead, so the model reasons first (used
                 for audio understanding with thinking and for TTS with a style instruction).
+            language (`"zh"`, `"en"`, `None`, or a list with one per conversation): MiMo-V2.5-ASR only: end the
+                text opening with the language tag `<chinese>` / `<english>` the model transcribes after (see `asr`).
 
         Returns:
             [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
@@ -611,11 +679,38 @@ class MiMoAudioProcessor(ProcessorMixin):
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("`conversation` must be a non-empty list of messages or a list of conversations.")
         conversations = conversation if _is_conversation_batch(conversation) else [conversation]
+        tags = self._language_tags(language, len(conversations))
+        if any(tags) and (output_modality != "text" or thinking or not add_generation_prompt):
+            raise ValueError(
+                "`language` tags the text answer's opening: it needs `add_generation_prompt=True`, "
+                "`output_modality='text'` and `thinking=False`."
+            )
         batch = [
-            _render_conversation(_check_conversation(conv, index), add_generation_prompt, output_modality, thinking)
-            for index, conv in enumerate(conversations)
+            _render_conversation(
+                _check_conversation(conv, index), add_generation_prompt, output_modality, thinking, language_tag=tag
+            )
+            for index, (conv, tag) in enumerate(zip(conversations, tags))
         ]
         return self._build_inputs(batch)
+
+    def _language_tags(self, language, count: int) -> list[str]:
+        """One V2.5-ASR language tag per sample, from one language or a list of `count` languages."""
+        if isinstance(language, (list, tuple)):
+            if len(language) != count:
+                raise ValueError(f"`language` has {len(language)} entries for {count} samples.")
+            return [self._language_tag(item) for item in language]
+        return [self._language_tag(language)] * count
+
+    def _language_tag(self, language: str | None) -> str:
+        """The V2.5-ASR language tag for `language`; errors for an unknown language or a model trained without tags."""
+        if language is not None and self.model_variant != "mimo-v2.5-asr":
+            raise ValueError(
+                f"`language`={language!r} needs a MiMo-V2.5-ASR checkpoint; this processor is for "
+                f"{self.model_variant!r}, which was not trained with language tags (leave `language=None`)."
+            )
+        if language not in V25_LANGUAGE_TAGS:
+            raise ValueError(f"`language` must be 'zh', 'en' or None, got {language!r}.")
+        return V25_LANGUAGE_TAGS[language]
 
     __call__ = apply_chat_template
 
@@ -631,10 +726,36 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------------- task helpers
 
-    def asr(self, audio, instruction: str = DEFAULT_ASR_INSTRUCTION) -> BatchFeature:
-        """Speech recognition (instruct model): the user turn is the audio then `instruction`; the answer is text."""
+    def asr(
+        self, audio, *, language: str | list[str | None] | None = None, instruction: str | None = None
+    ) -> BatchFeature:
+        """
+        Speech recognition: the user turn is the audio then an instruction; the answer is text.
+
+        Args:
+            audio: a path, audio item, `(waveform, sampling_rate)` or waveform at 24 kHz; a list for a batch.
+            language (`"zh"`, `"en"`, `None`, or a list with one per sample): MiMo-V2.5-ASR only. The assistant's
+                opening ends with `<chinese>` / `<english>` (no tag for `None`: the model picks the language). A
+                MiMo-Audio checkpoint was not trained with tags, so any value but `None` is an error there.
+            instruction (`str`, *optional*): the request after the audio. By default MiMo-Audio uses
+                `DEFAULT_ASR_INSTRUCTION`; MiMo-V2.5-ASR draws one sentence per sample with `random.choice` from
+                `V25_ASR_INSTRUCTIONS[language]` (both lists, Chinese first, for `language=None`) as the original
+                does, so `random.seed(n)` before the call reproduces the original's prompt for the same seed.
+        """
+        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+            raise ValueError(f"`instruction` must be a non-empty string or None, got {instruction!r:.80}.")
         items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
-        return self.apply_chat_template([_asr_messages(item, instruction) for item in items])
+        languages = language if isinstance(language, (list, tuple)) else [language] * len(items)
+        self._language_tags(languages, len(items))
+        if instruction is not None:
+            instructions = [instruction] * len(items)
+        elif self.model_variant == "mimo-v2.5-asr":
+            pools = {None: V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"], **V25_ASR_INSTRUCTIONS}
+            instructions = [random.choice(pools[item]) for item in languages]
+        else:
+            instructions = [DEFAULT_ASR_INSTRUCTION] * len(items)
+        conversations = [_asr_messages(item, text) for item, text in zip(items, instructions)]
+        return self.apply_chat_template(conversations, language=list(languages))
 
     def tts(
         self,
@@ -758,7 +879,8 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     def encode_audio(self, audio) -> list[torch.Tensor]:
         """
-        Audio -> the patches the model reads, one clip at a time (a single input or a list).
+        Audio -> the patches the model reads, one clip at a time (a single input or a list). A MiMo-V2.5-ASR
+        processor encodes waveforms with that release's 30 s chunk recipe (see `_waveforms_to_codes`).
 
         Returns:
             a list of int64 tensors `(num_patches, group_size, audio_channels)`, one per clip.
@@ -837,12 +959,50 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(f"Audio {index}: cannot download {item['url']!r} ({error}).") from error
 
     def _waveforms_to_codes(self, waveforms: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """Log-mel features and the codec, one batch for all clips; returns frames `(frames, audio_channels)`."""
+        """
+        Log-mel features and the codec, one batch for all clips; returns frames `(frames, audio_channels)`.
+
+        MiMo-Audio computes one log-mel over each whole clip. MiMo-V2.5-ASR cuts each clip (at 24 kHz) into 30 s
+        chunks and encodes every chunk on its own, with its own log-mel: a last piece shorter than `n_fft` samples is
+        merged into the chunk before it, and a chunk shorter than `n_fft` (a clip that short) is zero-padded to
+        `n_fft` samples. A clip's codes are its chunks' codes in order. The chunks of all clips go through the codec
+        in one batch (the codec gives each item of a padded batch the codes it gives it alone).
+        """
         if self.audio_tokenizer is None:
             raise ValueError(
                 "Audio given as a waveform or a file needs the processor's `audio_tokenizer` (the codec); load the "
                 "processor with one or pass precomputed `audio_codes`."
             )
+        if self.model_variant != "mimo-v2.5-asr":
+            return self._encode_clips(waveforms)
+        chunks, owners = [], []
+        for clip, (waveform, sampling_rate) in enumerate(waveforms):
+            for chunk in self._v25_chunks(resample_waveform(waveform, sampling_rate, self.sampling_rate)):
+                chunks.append((chunk, self.sampling_rate))
+                owners.append(clip)
+        parts = [[] for _ in waveforms]
+        for clip, codes in zip(owners, self._encode_clips(chunks)):
+            parts[clip].append(codes)
+        return [torch.cat(clip_parts) for clip_parts in parts]
+
+    def _v25_chunks(self, waveform: torch.Tensor) -> list[torch.Tensor]:
+        """MiMo-V2.5-ASR's 30 s chunks `(samples,)` of one clip at the processor's rate (see `_waveforms_to_codes`)."""
+        chunk_samples = V25_CHUNK_SECONDS * self.sampling_rate
+        n_fft = self.feature_extractor.n_fft
+        total, start, chunks = waveform.shape[-1], 0, []
+        while start < total:
+            end = min(start + chunk_samples, total)
+            if 0 < total - end < n_fft:
+                end = total
+            chunk = waveform[start:end]
+            if chunk.shape[-1] < n_fft:
+                chunk = torch.nn.functional.pad(chunk, (0, n_fft - chunk.shape[-1]))
+            chunks.append(chunk)
+            start = end
+        return chunks
+
+    def _encode_clips(self, waveforms: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Each clip's log-mel, then the codec on all of them in one padded batch; frames `(frames, channels)`."""
         features = [self.feature_extractor(wave, sampling_rate=rate)["input_features"][0] for wave, rate in waveforms]
         max_frames = max(feature.shape[-1] for feature in features)
         input_features = torch.zeros(len(features), features[0].shape[0], max_frames)
@@ -921,7 +1081,10 @@ class MiMoAudioProcessor(ProcessorMixin):
                 `sequences` is a tensor.
             prompt_length (`int`): positions to skip at the start (the prompt, `inputs["input_ids"].shape[1]`).
             skip_special_tokens (`bool`): drop every special token from the text. By default the text is cleaned as
-                the original does: `<|empty|>`, `<|eot|>` and `<|eostm|>` are removed, other tokens are kept.
+                the original does: `<|empty|>`, `<|eot|>` and `<|eostm|>` are removed, other tokens are kept. For a
+                MiMo-V2.5-ASR processor the cleanup is that release's ASR transcript: stripped first, then those
+                tokens removed, then the language tags `<chinese>` / `<english>` (and the text stripped again) when
+                one is present.
             decode_audio (`bool`): run the codec on the generated speech.
 
         The text of a sample ends before its first end-of-text / padding / `<|im_end|>` token (the stop token, which
@@ -978,6 +1141,8 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     def _clean_text(self, text_ids: torch.Tensor, skip_special_tokens: bool) -> str:
         text = self.tokenizer.decode(text_ids.tolist(), skip_special_tokens=skip_special_tokens)
+        if self.model_variant == "mimo-v2.5-asr":
+            return _clean_v25_transcript(text)
         for token in (SPECIAL_TOKENS["empty_token"], SPECIAL_TOKENS["eot_token"], SPECIAL_TOKENS["eostm_token"]):
             text = text.replace(token, "")
         return text.strip()
