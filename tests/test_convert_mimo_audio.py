@@ -291,7 +291,7 @@ def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="not an original MiMo-Audio config"):
         convert(output, tmp_path / "again")
-    with pytest.raises(ValueError, match="must differ from --input_dir"):
+    with pytest.raises(ValueError, match="is or lies inside --input_dir"):
         convert(output, output, force=True)
     assert (output / "model.safetensors").is_file()
 
