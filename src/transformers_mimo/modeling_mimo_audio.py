@@ -1,5 +1,6 @@
 """MiMo-Audio speech-text language model: patch encoder, Qwen2 backbone, patch decoder."""
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -12,10 +13,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_mimo_audio import MiMoAudioConfig
+from .configuration_mimo_audio import MiMoAudioConfig, is_original_config_dict
 from .generation_mimo_audio import MiMoAudioGenerationMixin
 
 
@@ -73,7 +74,7 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
-    # Checkpoint keys that loading this class leaves out on purpose (see `from_pretrained`).
+    # Keys of an original checkpoint that loading this class leaves out on purpose (see `from_pretrained`).
     _ignored_prefixes_on_load: tuple[str, ...] = ()
 
     def _set_patch_attn_implementation(self):
@@ -117,26 +118,49 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """
         Loads a checkpoint in this package's layout or in the original MiMo-Audio layout (flat Qwen2 config and
-        `speech_embeddings.*`, `local_transformer.*`, ... keys, translated on load). Unlike the Transformers default,
-        missing or unexpected weights raise a `ValueError`.
+        `speech_embeddings.*`, `local_transformer.*`, ... keys, translated on load).
+
+        This package's layout follows Transformers: missing weights are initialised and reported with unexpected ones
+        (a warning, and `output_loading_info=True`), so a base-model checkpoint loads into the head class and vice
+        versa. Loading an original checkpoint is a conversion: there, a missing, unexpected or mis-shaped tensor
+        raises a `ValueError`.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        loading_info["unexpected_keys"] = {
-            key
-            for key in loading_info.get("unexpected_keys") or []
-            if not key.startswith(cls._ignored_prefixes_on_load)
-        }
-        problems = {
-            kind: sorted(loading_info.get(kind) or [])
-            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-            if loading_info.get(kind)
-        }
-        if problems:
-            raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}")
+        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        if _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs):
+            loading_info["unexpected_keys"] = {
+                key
+                for key in loading_info.get("unexpected_keys") or []
+                if not key.startswith(cls._ignored_prefixes_on_load)
+            }
+            problems = {
+                kind: sorted(loading_info.get(kind) or [])
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if loading_info.get(kind)
+            }
+            if problems:
+                raise ValueError(
+                    f"Original checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}"
+                )
         return (model, loading_info) if output_loading_info else model
+
+
+# `from_pretrained` arguments that locate the checkpoint's files.
+_HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs: dict) -> bool:
+    """Whether the checkpoint's `config.json` is the flat config of an original MiMo-Audio checkpoint."""
+    config_file = cached_file(
+        pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if config_file is None:
+        return False
+    with open(config_file) as file:
+        return is_original_config_dict(json.load(file))
 
 
 class MiMoAudioPatchEncoder(nn.Module):
@@ -277,7 +301,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
     the patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
     """
 
-    # Loading it from a full checkpoint leaves out the heads.
+    # Loading it from a full original checkpoint leaves out the heads.
     _ignored_prefixes_on_load = ("lm_head.", "patch_decoder.")
 
     def __init__(self, config: MiMoAudioConfig):
@@ -424,6 +448,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Sharded like the embeddings it may be tied to (as Qwen2ForCausalLM's head).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # Left unquantized by bitsandbytes / torchao (only the LLM's linear layers are quantized; `lm_head` is skipped by
     # Transformers' default) and kept in fp32 when loading in fp16. Measurements: docs/quantization.md.
     _keep_in_fp32_modules = ["model.audio_embeddings", "model.patch_encoder", "patch_decoder"]
