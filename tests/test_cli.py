@@ -375,6 +375,17 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
         ),
         (["asr", str(AUDIO / "weather_today_zh.mp3"), "--max-new-tokens", "0", *MODEL_ARGS], "must be positive"),
         (["tts", "Hi", "--output", "x.wav", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument"),
+        # a codec given as --model, an LM as --audio-tokenizer: refused before anything is built (a wrong config
+        # would build the full-size default model)
+        (["asr", str(AUDIO / "weather_today_zh.mp3"), "--model", str(CODEC)], "is not a MiMo-Audio language model"),
+        (
+            ["asr", str(AUDIO / "weather_today_zh.mp3"), "--model", str(LM), "--audio-tokenizer", str(LM)],
+            "is not a MiMo-Audio audio tokenizer",
+        ),
+        (["asr", "x.wav", "--device", "banana", *MODEL_ARGS[:4]], "--device 'banana' is not a device"),
+        (["asr", "x.wav", "--seed", "-1", *MODEL_ARGS], "--seed must be in [0, 2**32), got -1"),
+        (["demo", "--seed", str(2**32)], "--seed must be in [0, 2**32)"),
+        (["convert", "lm", "--input_dir", "nowhere", "--output_dir", "out"], "--input_dir 'nowhere' is not a directory"),
     ],
 )
 def test_usage_and_input_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -382,6 +393,16 @@ def test_usage_and_input_errors_exit_2(argv, message, capsys, tmp_path, monkeypa
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_usage_error(capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr(cli, "load_model_and_processor", lambda args: loads.append(args))
+    assert cli.main(["asr", str(AUDIO / "weather_today_zh.mp3"), *MODEL_ARGS[:4], "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device 'cuda': CUDA is not available on this machine" in err
+    assert loads == []
 
 
 def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):

@@ -145,7 +145,9 @@ def load_text_tokenizer(input_dir: Path):
 
 def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationConfig:
     """The original's default sampling: text top-k 50 / top-p 0.95 / temperature 0.6, audio top-p 0.95 /
-    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; at most 8192 positions."""
+    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; returns the text and audio sequences
+    (`return_dict_in_generate`). No length is stored, so `max_new_tokens` never clashes with a stored `max_length`;
+    without one, `generate` stops at the context length (8192 positions, the original's limit)."""
     eos_ids = [config.im_end_token_id, config.eostm_token_id]
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.insert(0, tokenizer.eos_token_id)
@@ -154,13 +156,13 @@ def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationC
         temperature=0.6,
         top_k=50,
         top_p=0.95,
-        max_length=8192,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
         audio_do_sample=True,
         audio_temperature=0.9,
         audio_top_p=0.95,
         audio_top_k=None,
+        return_dict_in_generate=True,
     )
     # Keep the audio_* keys when the file is read back (configs "from the model config" drop unknown keys).
     generation_config._from_model_config = False

@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple, cached_file
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, TransformersKwargs, can_return_tuple, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mimo_audio import MiMoAudioConfig, is_original_config_dict
@@ -130,6 +130,10 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
         hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        if model.can_generate() and "return_dict_in_generate" not in _stored_generation_config(
+            pretrained_model_name_or_path, hub_kwargs
+        ):
+            model.generation_config.return_dict_in_generate = True  # see `MiMoAudioForConditionalGeneration`
         if _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs):
             loading_info["unexpected_keys"] = {
                 key
@@ -150,6 +154,20 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
 
 # `from_pretrained` arguments that locate the checkpoint's files.
 _HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def _stored_generation_config(pretrained_model_name_or_path, hub_kwargs: dict) -> dict:
+    """The checkpoint's `generation_config.json` as stored (`{}` where there is none)."""
+    config_file = cached_file(
+        pretrained_model_name_or_path,
+        GENERATION_CONFIG_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        **hub_kwargs,
+    )
+    if config_file is None:
+        return {}
+    with open(config_file) as file:
+        return json.load(file)
 
 
 def _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs: dict) -> bool:
@@ -369,6 +387,14 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` is empty (seq_len 0): give at least one position.")
+        vocab_size = self.config.text_config.vocab_size
+        if ((input_ids < 0) | (input_ids >= vocab_size)).any():
+            raise ValueError(
+                f"`input_ids` holds ids outside the text vocabulary [0, {vocab_size}): min {int(input_ids.min())}, "
+                f"max {int(input_ids.max())}."
+            )
         is_audio = input_ids == self.config.empty_token_id
         text_embeds = self.get_input_embeddings()(input_ids)
         text_embeds = text_embeds.masked_fill(is_audio.unsqueeze(-1).to(text_embeds.device), 0.0)
@@ -429,6 +455,14 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.get_inputs_embeds(input_ids, audio_input_ids)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            expected = (inputs_embeds.shape[0], past_length + inputs_embeds.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch_size, past_length + seq_len) = {expected}, got "
+                    f"{tuple(attention_mask.shape)}."
+                )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         return self.language_model(
@@ -461,6 +495,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.patch_decoder = MiMoAudioPatchDecoder(config)
         self.post_init()
+        # `generate` returns the text and audio sequences (`MiMoAudioGenerateOutput`) unless told otherwise.
+        self.generation_config.return_dict_in_generate = True
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

@@ -80,6 +80,8 @@ STREAM_AUDIO_CHUNK = 5
 
 # The original decodes generated codes in segments of this many frames.
 DECODE_SEGMENT_FRAMES = 1500
+# Quantizers of the released MiMo-Audio-Tokenizer: precomputed `audio_codes` with more rows are (frames, quantizers).
+MAX_CODEC_QUANTIZERS = 20
 
 # How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
 # `task_sampler_configs`): stop tokens besides end-of-text, and text / audio sampling. Every task of the original
@@ -785,6 +787,15 @@ class MiMoAudioProcessor(ProcessorMixin):
         codes = torch.as_tensor(codes)
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"Audio {index}: `audio_codes` must hold integers, got {codes.dtype}.")
+        max_quantizers = (
+            self.audio_tokenizer.config.num_quantizers if self.audio_tokenizer is not None else MAX_CODEC_QUANTIZERS
+        )
+        if codes.ndim == 2 and codes.shape[0] > max_quantizers and self.audio_channels <= codes.shape[1]:
+            raise ValueError(
+                f"Audio {index}: `audio_codes` has shape {tuple(codes.shape)}, which looks like (frames, "
+                f"num_quantizers): the codec has at most {max_quantizers} quantizers. Pass (num_quantizers, frames), "
+                "e.g. `audio_codes.T`."
+            )
         if codes.ndim != 2 or codes.shape[0] < self.audio_channels or codes.shape[1] == 0:
             raise ValueError(
                 f"Audio {index}: `audio_codes` must have shape (num_quantizers >= {self.audio_channels}, frames >= 1), "
@@ -807,6 +818,12 @@ class MiMoAudioProcessor(ProcessorMixin):
             waveform = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
             if not waveform.is_floating_point():
                 raise ValueError(f"Audio {index}: the waveform must be float in [-1, 1], got {waveform.dtype}.")
+            if waveform.ndim == 2 and waveform.shape[0] > waveform.shape[1]:
+                raise ValueError(
+                    f"Audio {index}: the waveform has shape {tuple(waveform.shape)}, which looks like (samples, "
+                    "channels); pass stereo or multichannel audio as (channels, samples), e.g. `waveform.T` (it is "
+                    "downmixed to mono), or a mono waveform (samples,)."
+                )
             if waveform.ndim == 2:
                 waveform = waveform.float().mean(dim=0)  # (channels, samples) -> mono
             elif waveform.ndim != 1:
