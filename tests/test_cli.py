@@ -81,7 +81,7 @@ def pipeline():
 
 def _generate(model, processor, inputs, task, max_new_tokens, seed=None):
     """The library pipeline: generate (the original's defaults, then `task`'s stop tokens and sampling; greedy without
-    `seed`) -> batch_decode."""
+    `seed`) -> batch_decode_generation."""
     config = default_generation_config(model.config, processor.tokenizer)
     config.update(**processor.generation_kwargs(task))
     config.max_length = None
@@ -96,7 +96,7 @@ def _generate(model, processor, inputs, task, max_new_tokens, seed=None):
         return_dict_in_generate=True,
     )
     length = inputs["input_ids"].shape[1]
-    decoded = processor.batch_decode(output, prompt_length=length)
+    decoded = processor.batch_decode_generation(output, prompt_length=length)
     patches = int((output.sequences[0, length:] == processor.empty_token_id).sum())
     return decoded.text[0], decoded.audio[0], patches
 
@@ -129,7 +129,7 @@ def test_demo_data_are_the_golden_checkpoints():
 
 def test_demo_runs_offline_and_matches_the_library_pipeline(tmp_path):
     """`mimo-audio demo`: no arguments, no network; its two WAVs equal processor -> generate (seed 0, the original's
-    sampling, 40 positions) -> batch_decode run in-process on the same checkpoints."""
+    sampling, 40 positions) -> batch_decode_generation run in-process on the same checkpoints."""
     result = _run_cli("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -179,7 +179,7 @@ def test_reconstruct_equals_the_codec_round_trip(tmp_path, pipeline):
 
 
 def test_asr_prints_the_transcript(tmp_path, pipeline):
-    """`asr` (greedy, 12 positions) prints exactly the text of processor.asr -> generate -> batch_decode."""
+    """`asr` (greedy, 12 positions) prints exactly the text of processor.asr -> generate -> batch_decode_generation."""
     audio = AUDIO / "weather_today_zh.mp3"
     result = _run_cli("asr", audio, *MODEL_ARGS, "--greedy", "--max-new-tokens", 12, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -190,7 +190,7 @@ def test_asr_prints_the_transcript(tmp_path, pipeline):
 
 def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     """`tts` with a style and a voice prompt (greedy, 12 positions): the printed text and the WAV of processor.tts ->
-    generate -> batch_decode."""
+    generate -> batch_decode_generation."""
     output = tmp_path / "speech.wav"
     voice = AUDIO / "prompt_speech_en_w.wav"
     result = _run_cli(

@@ -12,6 +12,7 @@ from transformers.utils import logging
 from transformers_mimo import MiMoAudioForConditionalGeneration, MiMoAudioProcessor, MiMoAudioTokenizerModel
 from transformers_mimo.convert_mimo_audio_to_hf import convert
 from transformers_mimo.feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput
 
 from conftest import GOLDEN
 
@@ -109,3 +110,46 @@ def test_waveform_given_as_samples_by_channels(processor):
     assert inputs["input_ids"].shape[0] == 1
     with pytest.raises(ValueError, match=r"\(24000, 2\), which looks like \(samples, channels\); pass stereo"):
         processor.asr({"type": "audio", "audio": stereo.T})
+
+
+# ------------------------------------------------------------------------------- processor conventions (item 4)
+
+
+def test_call_expands_audio_placeholders_like_the_chat_template(processor):
+    codes = torch.randint(0, 8, (8, 30))
+    item = {"type": "audio", "audio_codes": codes}
+    text = (
+        f"<|im_start|>user\n{processor.audio_token}Please convert the recording to written format<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n"
+    )
+    called = processor(text=text, audio=item)
+    expected = processor.asr(item)
+    assert set(called) == {"input_ids", "audio_input_ids", "attention_mask"}
+    for key in expected:
+        assert torch.equal(called[key], expected[key]), key
+    # 30 frames -> 8 patches of 4 frames between <|sosp|> and <|eosp|>
+    assert (called["input_ids"][0] == processor.empty_token_id).sum() == 8
+
+    batch = processor(text=["plain text", f"a {processor.audio_token} b"], audio=[item])
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][0, 0] == 0  # left padded
+    assert processor(text="plain text")["input_ids"].tolist() == [processor.tokenizer("plain text")["input_ids"]]
+    with pytest.raises(ValueError, match=r"`text` has 2 audio placeholder\(s\) .* but `audio` has 1 clip"):
+        processor(text=f"{processor.audio_token}{processor.audio_token}", audio=[item])
+    with pytest.raises(ValueError, match="`text` is required"):
+        processor(audio=[item])
+
+
+def test_batch_decode_returns_strings_like_every_processor(processor):
+    ids = [[1, 4, 5, 8, 1, 0, 8], [3, 4, 3, 1, 1, 8, 9]]
+    assert processor.batch_decode(ids) == processor.tokenizer.batch_decode(ids)
+    assert processor.batch_decode(torch.tensor(ids), skip_special_tokens=True) == processor.tokenizer.batch_decode(
+        ids, skip_special_tokens=True
+    )
+    assert processor.decode(ids[0]) == processor.tokenizer.decode(ids[0])
+    output = MiMoAudioGenerateOutput(sequences=torch.tensor(ids), audio_sequences=None)
+    with pytest.raises(TypeError, match="batch_decode_generation"):
+        processor.batch_decode(output)
+    with pytest.raises(TypeError, match="decode_generation"):
+        processor.decode(torch.tensor(ids[:1]), prompt_length=2)
+    decoded = processor.batch_decode_generation(torch.tensor(ids), prompt_length=1, decode_audio=False)
+    assert decoded.text == [processor.tokenizer.decode(row[1:]).strip() for row in ids]

@@ -263,7 +263,7 @@ def _generation_config(model, processor, args, task: str):
 
 def run_generation(model, processor, inputs, args, task: str, description: str):
     """`generate` as the original runs `task` (see `MiMoAudioProcessor.generation_kwargs`), with a progress bar, then
-    `batch_decode` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
+    `batch_decode_generation` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
     from transformers import set_seed
 
     generation_config = _generation_config(model, processor, args, task)
@@ -274,7 +274,7 @@ def run_generation(model, processor, inputs, args, task: str, description: str):
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     with torch.inference_mode():
         output = model.generate(**inputs, generation_config=generation_config, streamer=progress)
-        decoded = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
+        decoded = processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
     return decoded.text[0], decoded.audio[0], progress.speech_patches
 
 
@@ -509,7 +509,7 @@ def cmd_demo(args) -> int:
     print(f"  generation: sampling with seed {args.seed}, at most {args.max_new_tokens} positions")
 
     sentence = "Hello from MiMo-Audio."
-    print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode")
+    print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode_generation")
     inputs = processor.tts(sentence)
     text, waveform, patches = run_generation(model, processor, inputs, args, task="tts", description="tts")
     print(f"  generated text: {text!r}")
@@ -519,7 +519,7 @@ def cmd_demo(args) -> int:
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": question}]}]
     print(
         f"\n[2] Spoken dialogue: a synthetic {question.shape[0] / processor.sampling_rate:.1f} s tone as the user's "
-        "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode"
+        "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode_generation"
     )
     inputs = processor.spoken_dialogue(conversation)
     text, waveform, patches = run_generation(

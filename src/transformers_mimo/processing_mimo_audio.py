@@ -619,7 +619,67 @@ class MiMoAudioProcessor(ProcessorMixin):
         ]
         return self._build_inputs(batch)
 
-    __call__ = apply_chat_template
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        audio=None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Model inputs from text with audio placeholders, as Transformers' audio-LM processors do. Chat prompts are
+        easier to build with [`~MiMoAudioProcessor.apply_chat_template`] and the task helpers (`asr`, `tts`, ...).
+
+        Each `audio_token` (`<|empty|>`) in the text stands for one clip of `audio`, in order: it is expanded to
+        `<|sosp|>`, one position per patch of the clip (`<|empty|>` in the text channel, the codes in
+        `audio_input_ids`), `<|eosp|>`. The text around it is tokenized as is (no special tokens are added).
+
+        Args:
+            text (`str` or `list[str]`): one prompt or a batch (padded on the left).
+            audio (*optional*): the clips of all placeholders, in order (a list, or one clip for one placeholder).
+                A clip is a waveform `(samples,)` or `(channels, samples)` at 24 kHz, a `(waveform, sampling_rate)`
+                tuple, a file path, or an audio content item dict such as `{"type": "audio", "audio_codes": codes}`.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): only torch tensors are returned.
+
+        Returns:
+            [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
+            `(batch, seq_len, group_size, audio_channels)` and `attention_mask` `(batch, seq_len)`.
+        """
+        if return_tensors not in (None, "pt"):
+            raise ValueError(
+                f"MiMoAudioProcessor returns torch tensors only (`return_tensors='pt'`), got {return_tensors!r}."
+            )
+        unknown = set(kwargs) - {"padding", "padding_side"}
+        if unknown:
+            raise ValueError(f"Unexpected arguments: {sorted(unknown)}.")
+        if kwargs.get("padding_side", "left") != "left":
+            raise ValueError("MiMoAudioProcessor pads on the left (generation needs it).")
+        if text is None:
+            raise ValueError("`text` is required: a prompt with one `audio_token` per clip of `audio`.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(item, str) for item in texts):
+            raise ValueError("`text` must be a string or a non-empty list of strings.")
+        clips = [] if audio is None else (list(audio) if _is_batch(audio) else [audio])
+        placeholders = sum(item.count(self.audio_token) for item in texts)
+        if placeholders != len(clips):
+            raise ValueError(
+                f"`text` has {placeholders} audio placeholder(s) (`{self.audio_token}`) but `audio` has {len(clips)} "
+                "clip(s): give one clip per placeholder."
+            )
+        items = iter([_as_audio_item(clip, "audio") for clip in clips])
+        batch = []
+        for item in texts:
+            parts = item.split(self.audio_token)
+            pieces = [_Text(parts[0])]
+            for part in parts[1:]:
+                pieces += [_Speech(next(items)), _Text(part)]
+            batch.append([piece for piece in pieces if not isinstance(piece, _Text) or piece.text])
+        return self._build_inputs(batch)
+
+    @property
+    def audio_token(self) -> str:
+        """The placeholder of one audio clip in the text given to `__call__`."""
+        return SPECIAL_TOKENS["empty_token"]
 
     @staticmethod
     def _check_no_extra_kwargs(kwargs: dict):
@@ -920,7 +980,29 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ---------------------------------------------------------------------------------------------- outputs -> text
 
-    def batch_decode(
+    def batch_decode(self, token_ids, *args, **kwargs) -> list[str]:
+        """
+        The text of token ids `(batch, length)`, as every processor's `batch_decode` (the tokenizer's). For the text
+        and the speech of a `generate` output, use [`~MiMoAudioProcessor.batch_decode_generation`].
+        """
+        if hasattr(token_ids, "sequences") or {"audio_sequences", "prompt_length", "decode_audio"} & set(kwargs):
+            raise TypeError(
+                "`batch_decode` decodes token ids to text, as every processor's does; the text and speech of a "
+                "generate output come from `batch_decode_generation(output, prompt_length=...)`."
+            )
+        return self.tokenizer.batch_decode(token_ids, *args, **kwargs)
+
+    def decode(self, token_ids, *args, **kwargs) -> str:
+        """The text of one sequence of token ids (the tokenizer's `decode`); see `decode_generation` for a
+        `generate` output with speech."""
+        if hasattr(token_ids, "sequences") or {"audio_sequences", "prompt_length", "decode_audio"} & set(kwargs):
+            raise TypeError(
+                "`decode` decodes token ids to text, as every processor's does; the text and speech of a generate "
+                "output come from `decode_generation(output, prompt_length=...)`."
+            )
+        return self.tokenizer.decode(token_ids, *args, **kwargs)
+
+    def batch_decode_generation(
         self,
         sequences,
         audio_sequences: torch.Tensor | None = None,
@@ -974,8 +1056,9 @@ class MiMoAudioProcessor(ProcessorMixin):
             audios[index] = waveform
         return MiMoAudioDecodedOutput(text=texts, audio=audios, sampling_rate=self.sampling_rate)
 
-    def decode(self, sequences, audio_sequences=None, prompt_length: int = 0, **kwargs):
-        """`batch_decode` for one sample (`(length,)` or `(1, length)`); returns `(text, waveform or None)`."""
+    def decode_generation(self, sequences, audio_sequences=None, prompt_length: int = 0, **kwargs):
+        """`batch_decode_generation` for one sample (`(length,)` or `(1, length)`); returns `(text, waveform or
+        None)`."""
         if hasattr(sequences, "sequences"):
             audio_sequences = getattr(sequences, "audio_sequences", None)
             sequences = sequences.sequences
@@ -984,8 +1067,11 @@ class MiMoAudioProcessor(ProcessorMixin):
             sequences = sequences[None]
             audio_sequences = None if audio_sequences is None else audio_sequences[None]
         if sequences.shape[0] != 1:
-            raise ValueError(f"`decode` takes one sample, got a batch of {sequences.shape[0]}; use `batch_decode`.")
-        output = self.batch_decode(sequences, audio_sequences, prompt_length=prompt_length, **kwargs)
+            raise ValueError(
+                f"`decode_generation` takes one sample, got a batch of {sequences.shape[0]}; use "
+                "`batch_decode_generation`."
+            )
+        output = self.batch_decode_generation(sequences, audio_sequences, prompt_length=prompt_length, **kwargs)
         return output.text[0], output.audio[0]
 
     def _text_end(self, text_ids: torch.Tensor) -> int:
