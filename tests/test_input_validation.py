@@ -153,3 +153,14 @@ def test_batch_decode_returns_strings_like_every_processor(processor):
         processor.decode(torch.tensor(ids[:1]), prompt_length=2)
     decoded = processor.batch_decode_generation(torch.tensor(ids), prompt_length=1, decode_audio=False)
     assert decoded.text == [processor.tokenizer.decode(row[1:]).strip() for row in ids]
+
+
+def test_call_pads_on_the_left_to_max_length(processor):
+    inputs = processor(text=["lower newer", "lower"], padding="max_length", max_length=9)
+    assert inputs["input_ids"].shape == (2, 9)
+    assert inputs["attention_mask"].sum(-1).tolist() == [len(processor.tokenizer(t)["input_ids"]) for t in ("lower newer", "lower")]
+    assert inputs["attention_mask"][:, -1].tolist() == [1, 1]  # left padding
+    with pytest.raises(ValueError, match="more than `max_length` \\(2\\)"):
+        processor(text="lower newer longer", padding="max_length", max_length=2)
+    with pytest.raises(ValueError, match="pads on the left"):
+        processor(text="lower", padding_side="right")

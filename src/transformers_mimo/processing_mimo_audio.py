@@ -24,7 +24,7 @@ import soundfile as sf
 import torch
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
 from .configuration_mimo_audio import MiMoAudioConfig
@@ -394,6 +394,13 @@ def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFe
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class MiMoAudioProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {
+        "text_kwargs": {"padding": True, "padding_side": "left", "add_special_tokens": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
 @dataclass
 class MiMoAudioDecodedOutput:
     """Decoded generations.
@@ -432,6 +439,8 @@ class MiMoAudioProcessor(ProcessorMixin):
         audio_empty_ids (`list[int]`, *optional*): each channel's empty id (the model config's `audio_empty_ids`);
             defaults to the released checkpoints' `[1024, 1024, 128, ...]`.
     """
+
+    valid_processor_kwargs = MiMoAudioProcessorKwargs
 
     def __init__(
         self,
@@ -623,8 +632,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         self,
         text: str | list[str] | None = None,
         audio=None,
-        return_tensors: str | None = "pt",
-        **kwargs,
+        **kwargs: Unpack[MiMoAudioProcessorKwargs],
     ) -> BatchFeature:
         r"""
         Model inputs from text with audio placeholders, as Transformers' audio-LM processors do. Chat prompts are
@@ -635,27 +643,30 @@ class MiMoAudioProcessor(ProcessorMixin):
         `audio_input_ids`), `<|eosp|>`. The text around it is tokenized as is (no special tokens are added).
 
         Args:
-            text (`str` or `list[str]`): one prompt or a batch (padded on the left).
+            text (`str` or `list[str]`): one prompt or a batch.
             audio (*optional*): the clips of all placeholders, in order (a list, or one clip for one placeholder).
                 A clip is a waveform `(samples,)` or `(channels, samples)` at 24 kHz, a `(waveform, sampling_rate)`
                 tuple, a file path, or an audio content item dict such as `{"type": "audio", "audio_codes": codes}`.
-            return_tensors (`str`, *optional*, defaults to `"pt"`): only torch tensors are returned.
+            kwargs: text kwargs `padding` (`True` / `"longest"`, the default, or `"max_length"` with `max_length`),
+                always on the left, where generation needs it; `return_tensors` (`"pt"`, the only one supported).
 
         Returns:
             [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
             `(batch, seq_len, group_size, audio_channels)` and `attention_mask` `(batch, seq_len)`.
         """
-        if return_tensors not in (None, "pt"):
-            raise ValueError(
-                f"MiMoAudioProcessor returns torch tensors only (`return_tensors='pt'`), got {return_tensors!r}."
-            )
-        unknown = set(kwargs) - {"padding", "padding_side"}
-        if unknown:
-            raise ValueError(f"Unexpected arguments: {sorted(unknown)}.")
-        if kwargs.get("padding_side", "left") != "left":
-            raise ValueError("MiMoAudioProcessor pads on the left (generation needs it).")
         if text is None:
             raise ValueError("`text` is required: a prompt with one `audio_token` per clip of `audio`.")
+        output_kwargs = self._merge_kwargs(
+            MiMoAudioProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = output_kwargs["text_kwargs"]
+        if text_kwargs.get("return_tensors", "pt") not in (None, "pt"):
+            raise ValueError(
+                f"MiMoAudioProcessor returns torch tensors only (`return_tensors='pt'`), got "
+                f"{text_kwargs['return_tensors']!r}."
+            )
+        if text_kwargs.get("padding_side", "left") != "left":
+            raise ValueError("MiMoAudioProcessor pads on the left (generation needs it).")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(item, str) for item in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
@@ -674,7 +685,8 @@ class MiMoAudioProcessor(ProcessorMixin):
             for part in parts[1:]:
                 pieces += [_Speech(next(items)), _Text(part)]
             batch.append([piece for piece in pieces if not isinstance(piece, _Text) or piece.text])
-        return self._build_inputs(batch)
+        max_length = text_kwargs.get("max_length") if text_kwargs.get("padding") == "max_length" else None
+        return self._build_inputs(batch, max_length=max_length)
 
     @property
     def audio_token(self) -> str:
@@ -946,13 +958,21 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ----------------------------------------------------------------------------------------------- layout -> ids
 
-    def _build_inputs(self, batch: list[list]) -> BatchFeature:
-        """Turn the pieces of each sample into positions, encode all audio at once, pad on the left."""
+    def _build_inputs(self, batch: list[list], max_length: int | None = None) -> BatchFeature:
+        """Turn the pieces of each sample into positions, encode all audio at once, pad on the left (to the longest
+        sample, or to `max_length`)."""
         audio_items = [piece.audio for pieces in batch for piece in pieces if not isinstance(piece, _Text)]
         patches = iter(self._audio_items_to_patches(audio_items))
         rows = [self._pieces_to_row(pieces, patches) for pieces in batch]
 
         length = max(row[0].shape[0] for row in rows)
+        if max_length is not None:
+            if length > max_length:
+                raise ValueError(
+                    f"A prompt has {length} positions, more than `max_length` ({max_length}); prompts are not "
+                    "truncated (that would cut audio patches)."
+                )
+            length = max_length
         empty_patch = torch.tensor(self.audio_empty_ids).expand(self.group_size, -1)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         audio_input_ids = empty_patch.repeat(len(rows), length, 1, 1)
