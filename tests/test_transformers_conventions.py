@@ -105,3 +105,27 @@ def test_tensor_parallel_plan_shards_tied_head_with_embeddings(lm_config):
     model = MiMoAudioForConditionalGeneration(lm_config)
     assert model.tp_plan["lm_head"] == "colwise_gather_output"
     assert "model.language_model.embed_tokens" in model.tp_plan
+
+
+def test_generate_as_the_generation_tester_mixin_calls_it():
+    """The calls of Transformers' GenerationTesterMixin (greedy, sample with num_return_sequences, logits_to_keep,
+    explicit position_ids, no input_ids): the plain `sequences` tensor with `return_dict_in_generate=False`."""
+    model = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_b" / "checkpoint").eval()
+    input_ids = torch.randint(0, 400, (2, 7), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    greedy = {"do_sample": False, "max_new_tokens": 3, "min_new_tokens": 3, "return_dict_in_generate": False}
+    output = model.generate(input_ids, attention_mask=attention_mask, **greedy)
+    assert isinstance(output, torch.Tensor) and output.shape == (2, 10)
+    assert torch.equal(output[:, :7], input_ids)
+    kept = model.generate(input_ids, attention_mask=attention_mask, logits_to_keep=0, **greedy)
+    positions = model.generate(
+        input_ids, attention_mask=attention_mask, position_ids=attention_mask.cumsum(-1) - 1, **greedy
+    )
+    assert torch.equal(kept, output) and torch.equal(positions, output)
+    torch.manual_seed(0)
+    sampled = model.generate(
+        input_ids, attention_mask=attention_mask, do_sample=True, max_new_tokens=3, min_new_tokens=3,
+        num_return_sequences=2, return_dict_in_generate=False,
+    )  # fmt: skip
+    assert sampled.shape == (4, 10) and torch.equal(sampled[::2, :7], input_ids)
+    assert model.generate(do_sample=False, max_new_tokens=2, min_new_tokens=2).sequences.shape == (1, 3)
