@@ -419,3 +419,18 @@ def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):
         == 1
     )
     assert "no speech was generated" in capsys.readouterr().err and not output.exists()
+
+
+def test_commands_without_quantization_never_import_bitsandbytes(tmp_path):
+    """Importing bitsandbytes prints a kernels-community warning on CPU: commands that do not quantize must not import
+    it (nor peft, which imports it)."""
+    code = (
+        "import sys\n"
+        "from transformers_mimo import cli\n"
+        f"assert cli.main(['demo', '--max-new-tokens', '2', '--output', {str(tmp_path / 'demo.wav')!r}]) == 0\n"
+        "print(sorted(name for name in ('bitsandbytes', 'peft') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "kernels-community" not in result.stderr

@@ -261,15 +261,26 @@ def _generation_config(model, processor, args, task: str):
     return config
 
 
+def _set_seed(seed: int):
+    """Seeds Python, NumPy and torch, as `transformers.set_seed` does, without importing `transformers.trainer_utils`
+    (which imports peft and with it bitsandbytes, whose kernel loading prints a warning on commands that do not
+    quantize)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def run_generation(model, processor, inputs, args, task: str, description: str):
     """`generate` as the original runs `task` (see `MiMoAudioProcessor.generation_kwargs`), with a progress bar, then
     `batch_decode_generation` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
-    from transformers import set_seed
-
     generation_config = _generation_config(model, processor, args, task)
     speech = processor.eostm_token_id in generation_config.eos_token_id  # the answer is a speech stream
     if args.seed is not None:
-        set_seed(args.seed)
+        _set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     with torch.inference_mode():

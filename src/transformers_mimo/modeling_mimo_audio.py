@@ -13,12 +13,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, TransformersKwargs, can_return_tuple, cached_file
+from transformers.utils import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    TransformersKwargs,
+    can_return_tuple,
+    cached_file,
+    logging,
+)
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mimo_audio import MiMoAudioConfig, is_original_config_dict
 from .generation_mimo_audio import MiMoAudioGenerationMixin
 
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -114,6 +123,24 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
             state.absmax = state.absmax.T.reshape(-1).to(torch.float32)  # (N * K / blocksize,), quantization's order
             weight.quant_state = state
 
+    def _keep_bnb_cpu_4bit_layers_unpacked(self) -> list[str]:
+        """
+        bitsandbytes (0.50) repacks a 4-bit weight `(N, K)` for its AVX512-BF16 CPU kernel at the first CPU inference,
+        which needs `N` divisible by 32 and `K` by the quantization block size; other layers (e.g. an 80-wide or
+        16-wide projection) fail there with an assertion or a reshape error. Those layers keep bitsandbytes' generic
+        (unpacked) 4-bit path instead; returns their names.
+        """
+        unpacked = []
+        for name, module in self.named_modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+                continue
+            out_features, in_features = state.shape
+            if out_features % 32 or in_features % 2 or in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+                unpacked.append(name)
+        return unpacked
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """
@@ -129,6 +156,11 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
+        if unpacked := model._keep_bnb_cpu_4bit_layers_unpacked():
+            logger.warning(
+                f"{len(unpacked)} 4-bit layer(s) have widths bitsandbytes' packed CPU kernel does not support; they "
+                f"use its generic 4-bit path on CPU: {unpacked}"
+            )
         hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
         if model.can_generate() and "return_dict_in_generate" not in _stored_generation_config(
             pretrained_model_name_or_path, hub_kwargs
