@@ -188,3 +188,15 @@ def test_conversion_writes_next_to_the_target(originals, tmp_path, monkeypatch):
     convert(lm, tmp_path / "out")
     assert any(any(name.startswith(".out.") and name.endswith(".partial") for name in names) for names in seen)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["codec", "lm", "out"]
+
+
+def test_model_card_says_what_to_import_and_never_replaces_a_readme(originals, tmp_path):
+    lm, codec = originals
+    output = tmp_path / "out"
+    convert(lm, output, tokenizer_dir=codec)
+    card = (output / "README.md").read_text()
+    assert "import transformers_mimo" in card and "AutoProcessor.from_pretrained" in card
+    assert "import transformers_mimo" in (output / "audio_tokenizer" / "README.md").read_text()
+    (output / "README.md").write_text("my notes")
+    convert(lm, output, tokenizer_dir=codec, force=True)
+    assert (output / "README.md").read_text() == "my notes"

@@ -55,7 +55,7 @@ def converted(request, tmp_path_factory):
 def test_converted_directory_layout_and_config(converted):
     case, output_dir = converted
     assert sorted(path.name for path in output_dir.iterdir()) == [
-        "config.json", "model.safetensors", "preprocessor_config.json"
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
     ]
     original_config = json.loads((GOLDEN / case / "checkpoint" / "config.json").read_text())
     config = json.loads((output_dir / "config.json").read_text())
@@ -139,7 +139,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     (output_dir / "model-00001-of-00002.safetensors").write_text("stale shard")
     main(["--input_dir", str(source), "--output_dir", str(output_dir), "--force"])
     assert sorted(path.name for path in output_dir.iterdir()) == [
-        "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"
+        "README.md", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"
     ]
     printed = capsys.readouterr().out
     assert "original tensors:  170" in printed and "unused (not written): 31" in printed

@@ -116,6 +116,40 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
             os.replace(entry, destination)
 
 
+MODEL_CARD = """---
+library_name: transformers
+tags:
+- transformers-mimo
+- {model_type}
+---
+
+# {title}
+
+Converted with transformers-mimo from `{source}`. This directory needs the `transformers-mimo`
+package: **import it before loading** (`pip install transformers-mimo`), it registers `{model_type}` with the Auto
+classes. Without the import, `AutoModel` says Transformers does not recognize the architecture and `AutoProcessor`
+silently returns only the text tokenizer.
+
+```python
+import transformers_mimo  # registers the MiMo-Audio classes with the Auto factories
+from transformers import {auto_classes}
+
+{usage}
+```
+"""
+
+
+def write_model_card(staging: Path, output_dir: Path, **fields) -> bool:
+    """
+    Writes `README.md` (the model card, `MODEL_CARD` filled with `fields`) into `staging`, unless `output_dir` already
+    has a `README.md` (a file of the user's, which the conversion never replaces). Returns whether it was written.
+    """
+    if (Path(output_dir) / "README.md").exists():
+        return False
+    (Path(staging) / "README.md").write_text(MODEL_CARD.format(**fields))
+    return True
+
+
 def run_conversion(convert, *args, **kwargs):
     """
     Runs a conversion for a command-line `main`: an expected failure prints one line `error: ...` to stderr, without a
@@ -132,4 +166,11 @@ def run_conversion(convert, *args, **kwargs):
         raise SystemExit(EXIT_FAILURE) from None
 
 
-__all__ = ["OutputDirError", "check_output_dir", "move_into_place", "run_conversion", "staged_output_dir"]
+__all__ = [
+    "OutputDirError",
+    "check_output_dir",
+    "move_into_place",
+    "run_conversion",
+    "staged_output_dir",
+    "write_model_card",
+]

@@ -27,7 +27,7 @@ from .configuration_mimo_audio import (
     is_original_config_dict,
     special_token_ids_from_vocab,
 )
-from .conversion_utils import check_output_dir, run_conversion, staged_output_dir
+from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
 from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
 from .processing_mimo_audio import MiMoAudioProcessor
 from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
@@ -280,6 +280,16 @@ def convert(
                 tokenizer_dir, staging / "audio_tokenizer", dtype=dtype, verify=verify
             )
         model.save_pretrained(str(staging), max_shard_size=max_shard_size)
+        write_model_card(
+            staging,
+            output_dir,
+            model_type="mimo_audio",
+            title="MiMo-Audio (transformers-mimo format)",
+            source=input_dir.name,
+            auto_classes="AutoModel, AutoProcessor",
+            usage='processor = AutoProcessor.from_pretrained("path/to/this/dir")  # text tokenizer + codec\n'
+            'model = AutoModel.from_pretrained("path/to/this/dir")  # MiMoAudioForConditionalGeneration',
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
             if tokenizer_dir is not None:

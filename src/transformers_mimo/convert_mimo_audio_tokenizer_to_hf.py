@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
-from .conversion_utils import check_output_dir, run_conversion, staged_output_dir
+from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .modeling_mimo_audio_tokenizer import (
     ORIGINAL_KEY_RENAMES,
@@ -235,6 +235,18 @@ def convert_mimo_audio_tokenizer_checkpoint(
         config.save_pretrained(staging)
         save_file(converted, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         feature_extractor.save_pretrained(staging)
+        card_written = write_model_card(
+            staging,
+            output_dir,
+            model_type="mimo_audio_tokenizer",
+            title="MiMo-Audio-Tokenizer (transformers-mimo format)",
+            source=input_dir.name,
+            auto_classes="AutoFeatureExtractor, AutoModel",
+            usage='feature_extractor = AutoFeatureExtractor.from_pretrained("path/to/this/dir")\n'
+            'codec = AutoModel.from_pretrained("path/to/this/dir")  # MiMoAudioTokenizerModel: encode / decode',
+        )
+        if card_written:
+            summary.files.append("README.md")
         if verify:
             summary.verification = _verify(input_dir, staging, target_dtype)
     return summary
