@@ -225,6 +225,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
+        generation_mode = kwargs.pop("generation_mode", None)  # set by the any-to-any pipeline
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("`generate` takes `input_ids` and `audio_input_ids`, not `inputs_embeds`.")
         config = self.config
@@ -238,6 +239,13 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
                 f"{tuple(attention_mask.shape)}."
+            )
+        if generation_mode not in (None, "text", "audio"):
+            raise ValueError(f"`generation_mode` must be 'text' or 'audio', got {generation_mode!r}.")
+        if generation_mode == "audio" and not (input_ids[:, -1] == config.sostm_token_id).all():
+            raise ValueError(
+                "generation_mode='audio' needs a prompt that opens a speech answer (`<|sostm|>` last): build it with "
+                "`output_modality='audio'` (in a pipeline: `processor_kwargs={'output_modality': 'audio'}`)."
             )
         patch_shape = (config.group_size, config.audio_channels)
         if audio_input_ids is None:

@@ -525,8 +525,12 @@ class MiMoAudioProcessor(ProcessorMixin):
                 load it from (e.g. an original "MiMo-Audio-Tokenizer" directory). Defaults to the `audio_tokenizer/`
                 subfolder when there is one.
             device (`str` or `torch.device`, *optional*): where to put the codec (default: CPU).
-            dtype (`torch.dtype`, *optional*): the codec's dtype (default: as saved).
+            dtype (`torch.dtype` or `str`, *optional*): the codec's dtype (default, or `"auto"`: as saved).
         """
+        if dtype == "auto":  # what pipelines pass
+            dtype = None
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         hub_kwargs = {
             key: kwargs[key]
             for key in ("cache_dir", "force_download", "local_files_only", "token", "revision")
@@ -616,7 +620,13 @@ class MiMoAudioProcessor(ProcessorMixin):
             [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
             `(batch, seq_len, group_size, audio_channels)` and `attention_mask` `(batch, seq_len)` (int64 tensors).
         """
-        self._check_no_extra_kwargs(kwargs)
+        # Transformers' pipelines pass these; `processor_kwargs` may carry `output_modality` / `thinking`.
+        if kwargs.pop("continue_final_message", False):
+            raise ValueError("MiMoAudioProcessor cannot continue a final assistant message; end with a user turn.")
+        pipeline_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        output_modality = pipeline_kwargs.pop("output_modality", output_modality)
+        thinking = pipeline_kwargs.pop("thinking", thinking)
+        self._check_no_extra_kwargs({**kwargs, **pipeline_kwargs})
         if output_modality not in ("text", "audio"):
             raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
         if not isinstance(conversation, (list, tuple)) or not conversation:
@@ -1021,6 +1031,27 @@ class MiMoAudioProcessor(ProcessorMixin):
                 "output come from `decode_generation(output, prompt_length=...)`."
             )
         return self.tokenizer.decode(token_ids, *args, **kwargs)
+
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens: bool = True, generation_mode: str | None = None, **kwargs
+    ):
+        """
+        What Transformers' `any-to-any` pipeline returns for a `generate` output (or a tensor of token ids): the text
+        of each sequence (`generation_mode` `None` / `"text"`, decoded by the tokenizer), or the generated speech of
+        each sample (`"audio"`, a float32 numpy waveform at `sampling_rate`, `None` where it did not speak; needs the
+        dict output of `generate` and a prompt built with `output_modality="audio"`).
+        """
+        if generation_mode == "audio":
+            if not hasattr(generated_outputs, "audio_sequences"):
+                raise ValueError(
+                    "generation_mode='audio' needs `generate`'s dict output (`return_dict_in_generate=True`)."
+                )
+            decoded = self.batch_decode_generation(generated_outputs)
+            return [None if audio is None else audio.numpy() for audio in decoded.audio]
+        if generation_mode not in (None, "text"):
+            raise ValueError(f"MiMo-Audio generates text or audio, not generation_mode={generation_mode!r}.")
+        sequences = getattr(generated_outputs, "sequences", generated_outputs)
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def batch_decode_generation(
         self,
