@@ -81,7 +81,7 @@ def pipeline():
 
 def _generate(model, processor, inputs, task, max_new_tokens, seed=None):
     """The library pipeline: generate (the original's defaults, then `task`'s stop tokens and sampling; greedy without
-    `seed`) -> batch_decode."""
+    `seed`) -> batch_decode_generation."""
     config = default_generation_config(model.config, processor.tokenizer)
     config.update(**processor.generation_kwargs(task))
     config.max_length = None
@@ -96,7 +96,7 @@ def _generate(model, processor, inputs, task, max_new_tokens, seed=None):
         return_dict_in_generate=True,
     )
     length = inputs["input_ids"].shape[1]
-    decoded = processor.batch_decode(output, prompt_length=length)
+    decoded = processor.batch_decode_generation(output, prompt_length=length)
     patches = int((output.sequences[0, length:] == processor.empty_token_id).sum())
     return decoded.text[0], decoded.audio[0], patches
 
@@ -129,7 +129,7 @@ def test_demo_data_are_the_golden_checkpoints():
 
 def test_demo_runs_offline_and_matches_the_library_pipeline(tmp_path):
     """`mimo-audio demo`: no arguments, no network; its two WAVs equal processor -> generate (seed 0, the original's
-    sampling, 40 positions) -> batch_decode run in-process on the same checkpoints."""
+    sampling, 40 positions) -> batch_decode_generation run in-process on the same checkpoints."""
     result = _run_cli("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -179,7 +179,7 @@ def test_reconstruct_equals_the_codec_round_trip(tmp_path, pipeline):
 
 
 def test_asr_prints_the_transcript(tmp_path, pipeline):
-    """`asr` (greedy, 12 positions) prints exactly the text of processor.asr -> generate -> batch_decode."""
+    """`asr` (greedy, 12 positions) prints exactly the text of processor.asr -> generate -> batch_decode_generation."""
     audio = AUDIO / "weather_today_zh.mp3"
     result = _run_cli("asr", audio, *MODEL_ARGS, "--greedy", "--max-new-tokens", 12, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -190,7 +190,7 @@ def test_asr_prints_the_transcript(tmp_path, pipeline):
 
 def test_tts_writes_the_generated_speech(tmp_path, pipeline):
     """`tts` with a style and a voice prompt (greedy, 12 positions): the printed text and the WAV of processor.tts ->
-    generate -> batch_decode."""
+    generate -> batch_decode_generation."""
     output = tmp_path / "speech.wav"
     voice = AUDIO / "prompt_speech_en_w.wav"
     result = _run_cli(
@@ -338,10 +338,10 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
     model, processor = pipeline
     assert capsys.readouterr().out == _generate(model, processor, processor.asr(audio), "asr", 12)[0] + "\n"
 
-    # refusing to overwrite (exit 1 with the script's message, raised or exited) and a script usage error (exit 2)
-    assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 1
-    assert "mimo-audio convert: error: " in (err := capsys.readouterr().err) and "is not empty; pass --force" in err
-    assert cli.main(argv) == 1
+    # refusing to overwrite and a script usage error: one line, exit 2
+    assert cli.main(["convert", "tokenizer", "--input_dir", str(CODEC), "--output_dir", str(tmp_path / "codec")]) == 2
+    assert (err := capsys.readouterr().err).startswith("error: --output_dir") and "is not empty; pass --force" in err
+    assert cli.main(argv) == 2
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert cli.main(["convert", "lm", "--input_dir", str(LM)]) == 2
     assert "--output_dir" in capsys.readouterr().err
@@ -375,6 +375,17 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
         ),
         (["asr", str(AUDIO / "weather_today_zh.mp3"), "--max-new-tokens", "0", *MODEL_ARGS], "must be positive"),
         (["tts", "Hi", "--output", "x.wav", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument"),
+        # a codec given as --model, an LM as --audio-tokenizer: refused before anything is built (a wrong config
+        # would build the full-size default model)
+        (["asr", str(AUDIO / "weather_today_zh.mp3"), "--model", str(CODEC)], "is not a MiMo-Audio language model"),
+        (
+            ["asr", str(AUDIO / "weather_today_zh.mp3"), "--model", str(LM), "--audio-tokenizer", str(LM)],
+            "is not a MiMo-Audio audio tokenizer",
+        ),
+        (["asr", "x.wav", "--device", "banana", *MODEL_ARGS[:4]], "--device 'banana' is not a device"),
+        (["asr", "x.wav", "--seed", "-1", *MODEL_ARGS], "--seed must be in [0, 2**32), got -1"),
+        (["demo", "--seed", str(2**32)], "--seed must be in [0, 2**32)"),
+        (["convert", "lm", "--input_dir", "nowhere", "--output_dir", "out"], "--input_dir 'nowhere' is not a directory"),
     ],
 )
 def test_usage_and_input_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -382,6 +393,16 @@ def test_usage_and_input_errors_exit_2(argv, message, capsys, tmp_path, monkeypa
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_usage_error(capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr(cli, "load_model_and_processor", lambda args: loads.append(args))
+    assert cli.main(["asr", str(AUDIO / "weather_today_zh.mp3"), *MODEL_ARGS[:4], "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device 'cuda': CUDA is not available on this machine" in err
+    assert loads == []
 
 
 def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):
@@ -398,3 +419,18 @@ def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):
         == 1
     )
     assert "no speech was generated" in capsys.readouterr().err and not output.exists()
+
+
+def test_commands_without_quantization_never_import_bitsandbytes(tmp_path):
+    """Importing bitsandbytes prints a kernels-community warning on CPU: commands that do not quantize must not import
+    it (nor peft, which imports it)."""
+    code = (
+        "import sys\n"
+        "from transformers_mimo import cli\n"
+        f"assert cli.main(['demo', '--max-new-tokens', '2', '--output', {str(tmp_path / 'demo.wav')!r}]) == 0\n"
+        "print(sorted(name for name in ('bitsandbytes', 'peft') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "kernels-community" not in result.stderr

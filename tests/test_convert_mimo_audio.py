@@ -239,7 +239,7 @@ def test_convert_checkpoint_with_codec(tmp_path):
     expected_generation = {
         "do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95,
         "audio_do_sample": True, "audio_temperature": 0.9, "audio_top_p": 0.95, "audio_top_k": None,
-        "eos_token_id": [400, 402, 409], "pad_token_id": 400, "max_length": 8192,
+        "eos_token_id": [400, 402, 409], "pad_token_id": 400, "return_dict_in_generate": True, "max_length": None,
     }  # fmt: skip
     assert {key: generation.get(key) for key in expected_generation} == expected_generation
     assert GenerationConfig.from_pretrained(output).audio_temperature == 0.9
@@ -291,7 +291,7 @@ def test_convert_refuses_to_overwrite_and_casts_dtype(tmp_path):
     assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="not an original MiMo-Audio config"):
         convert(output, tmp_path / "again")
-    with pytest.raises(ValueError, match="must differ from --input_dir"):
+    with pytest.raises(ValueError, match="is or lies inside --input_dir"):
         convert(output, output, force=True)
     assert (output / "model.safetensors").is_file()
 

@@ -55,7 +55,7 @@ def converted(request, tmp_path_factory):
 def test_converted_directory_layout_and_config(converted):
     case, output_dir = converted
     assert sorted(path.name for path in output_dir.iterdir()) == [
-        "config.json", "model.safetensors", "preprocessor_config.json"
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
     ]
     original_config = json.loads((GOLDEN / case / "checkpoint" / "config.json").read_text())
     config = json.loads((output_dir / "config.json").read_text())
@@ -101,7 +101,7 @@ def test_converted_model_codes_equal_golden(converted):
     assert torch.equal(from_wav[0], expected)
 
 
-def test_removed_tensor_stops_conversion(tmp_path):
+def test_removed_tensor_stops_conversion(tmp_path, capsys):
     source = _copy_checkpoint("tok_a", tmp_path)
     weights = load_file(source / "model.safetensors")
     del weights["encoder.layers.1.self_attn.q_proj.weight"]
@@ -109,7 +109,8 @@ def test_removed_tensor_stops_conversion(tmp_path):
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as error:
         main(["--input_dir", str(source), "--output_dir", str(output_dir)])
-    message = str(error.value.code)
+    assert error.value.code == 1
+    message = capsys.readouterr().err
     assert "missing tensors ['encoder.layers.1.self_attn.q_proj.weight']" in message
     assert not output_dir.exists()
 
@@ -130,19 +131,21 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="not empty; pass --force"):
+    with pytest.raises(SystemExit, match="2"):
         main(["--input_dir", str(source), "--output_dir", str(output_dir)])
+    assert "not empty; pass --force" in capsys.readouterr().err
     assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]
 
     (output_dir / "model-00001-of-00002.safetensors").write_text("stale shard")
     main(["--input_dir", str(source), "--output_dir", str(output_dir), "--force"])
     assert sorted(path.name for path in output_dir.iterdir()) == [
-        "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"
+        "README.md", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"
     ]
     printed = capsys.readouterr().out
     assert "original tensors:  170" in printed and "unused (not written): 31" in printed
-    with pytest.raises(SystemExit, match="must differ from --input_dir"):
+    with pytest.raises(SystemExit, match="2"):
         main(["--input_dir", str(source), "--output_dir", str(source), "--force"])
+    assert "is or lies inside --input_dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -177,9 +180,10 @@ def test_config_without_model_type_and_wrong_model_type(tmp_path):
         convert_mimo_audio_tokenizer_checkpoint(source, tmp_path / "out2")
 
 
-def test_missing_input_files(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+def test_missing_input_files(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
         main(["--input_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
+    assert "does not exist" in capsys.readouterr().err
     source = _copy_checkpoint("tok_b", tmp_path)
     (source / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="No model.safetensors"):

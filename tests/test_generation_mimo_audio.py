@@ -753,8 +753,12 @@ def test_max_new_tokens_counts_llm_positions_and_text_only_prompt_default(models
     assert torch.equal(with_audio.audio_sequences, without.audio_sequences)
     expected = tensors["fp32.text.gen_nostop.step_text_token"][:7]
     assert torch.equal(without.sequences[0, input_ids.shape[1] :], expected)
-    # without return_dict_in_generate, no scores or cache
-    assert without.scores is None and without.logits is None and without.cache is None
+    # the model's default is the dict output (its generation config sets return_dict_in_generate); scores only on
+    # request. With return_dict_in_generate=False, the `sequences` tensor, as every Transformers model returns.
+    assert model.generation_config.return_dict_in_generate is True
+    assert without.scores is None and without.logits is None and without.cache is not None
+    sequences = model.generate(input_ids, max_new_tokens=7, eos_token_id=None, return_dict_in_generate=False)
+    assert isinstance(sequences, torch.Tensor) and torch.equal(sequences, without.sequences)
     with_states = model.generate(
         input_ids, max_new_tokens=3, eos_token_id=None, return_dict_in_generate=True, output_hidden_states=True
     )
@@ -813,7 +817,12 @@ def test_audio_controls_round_trip_through_generation_config(models, golden, tmp
     model = models("lm_a")
     input_ids, audio_input_ids = grid_to_inputs(tensors["icl.input_ids_grid"], model.config.group_size)
     config = GenerationConfig(
-        audio_do_sample=True, audio_temperature=0.7, audio_top_k=1, audio_top_p=0.9, max_new_tokens=5
+        audio_do_sample=True,
+        audio_temperature=0.7,
+        audio_top_k=1,
+        audio_top_p=0.9,
+        max_new_tokens=5,
+        return_dict_in_generate=True,  # a whole new generation config: say that the audio is wanted
     )
     config._from_model_config = False  # otherwise the custom keys are dropped on reload
     config.save_pretrained(tmp_path)

@@ -355,7 +355,6 @@ def test_batch_is_left_padded_and_each_row_equals_the_sample_alone(proc_a):
     text_conv = [{"role": "user", "content": "What is the weather like in Beijing?"}]
     asr_conv = [{"role": "user", "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}]}]
     batch = proc_a.apply_chat_template([text_conv, asr_conv])
-    assert all(torch.equal(batch[key], value) for key, value in proc_a([text_conv, asr_conv]).items())  # __call__
     alone = [proc_a.apply_chat_template(text_conv), proc_a.apply_chat_template(asr_conv)]
     assert batch["input_ids"].shape == (2, 50) and batch["audio_input_ids"].shape == (2, 50, 4, 8)
     assert batch["input_ids"].dtype == batch["audio_input_ids"].dtype == batch["attention_mask"].dtype == torch.long
@@ -510,7 +509,7 @@ def test_from_original_and_converted_checkpoints(proc_a, model_a, tmp_path):
     assert torch.equal(output.sequences, reference.sequences)
     assert torch.equal(output.audio_sequences, reference.audio_sequences)
     length = inputs["input_ids"].shape[1]
-    decoded, expected = processor.batch_decode(output, prompt_length=length), proc_a.batch_decode(reference, prompt_length=length)
+    decoded, expected = processor.batch_decode_generation(output, prompt_length=length), proc_a.batch_decode_generation(reference, prompt_length=length)
     assert decoded.text == expected.text
     assert (decoded.audio[0] is None and expected.audio[0] is None) or torch.equal(decoded.audio[0], expected.audio[0])
 
@@ -543,28 +542,28 @@ def _generate_like_output(processor, prompt_length=3):
 
 def test_batch_decode_text_and_speech(proc_a):
     sequences, audio, patches = _generate_like_output(proc_a)
-    output = proc_a.batch_decode(sequences, audio, prompt_length=3)
+    output = proc_a.batch_decode_generation(sequences, audio, prompt_length=3)
     assert output.text == ["Hello world", "Fine, thanks"]
     assert output.audio[1] is None and output.sampling_rate == 24000
     codes = patches.reshape(-1, 8).T  # 5 patches = 20 frames
     reference = proc_a.audio_tokenizer.decode(codes[None]).audio_values[0, 0]
     assert output.audio[0].shape == (5 * 4 * 960,)
     torch.testing.assert_close(output.audio[0], reference, rtol=0, atol=1e-6)
-    raw = proc_a.batch_decode(sequences, audio, prompt_length=3, decode_audio=False)
+    raw = proc_a.batch_decode_generation(sequences, audio, prompt_length=3, decode_audio=False)
     assert raw.audio == [None, None]
     stream = torch.tensor([[proc_a.sostm_token_id] + _tokens(proc_a.tokenizer, "Hi") + [proc_a.eot_token_id]])
-    assert proc_a.batch_decode(stream).text == ["<|sostm|>Hi"]  # the original keeps <|sostm|>
-    assert proc_a.batch_decode(stream, skip_special_tokens=True).text == ["Hi"]
-    text, waveform = proc_a.decode(sequences[0], audio[0], prompt_length=3)
+    assert proc_a.batch_decode_generation(stream).text == ["<|sostm|>Hi"]  # the original keeps <|sostm|>
+    assert proc_a.batch_decode_generation(stream, skip_special_tokens=True).text == ["Hi"]
+    text, waveform = proc_a.decode_generation(sequences[0], audio[0], prompt_length=3)
     assert text == "Hello world" and torch.equal(waveform, output.audio[0])
 
 
 def test_batch_decode_accepts_generate_output_and_segments(proc_a, monkeypatch):
     sequences, audio, patches = _generate_like_output(proc_a)
     result = MiMoAudioGenerateOutput(sequences=sequences, audio_sequences=audio)
-    whole = proc_a.batch_decode(result, prompt_length=3)
+    whole = proc_a.batch_decode_generation(result, prompt_length=3)
     monkeypatch.setattr(processing, "DECODE_SEGMENT_FRAMES", 8)  # 20 frames -> segments of 8, 8, 4
-    segmented = proc_a.batch_decode(result, prompt_length=3)
+    segmented = proc_a.batch_decode_generation(result, prompt_length=3)
     codes = patches.reshape(-1, 8).T
     pieces = [proc_a.audio_tokenizer.decode(codes[None, :, s : s + 8]).audio_values[0, 0] for s in (0, 8, 16)]
     torch.testing.assert_close(segmented.audio[0], torch.cat(pieces), rtol=0, atol=1e-6)
@@ -603,7 +602,7 @@ def test_batch_decode_matches_the_original_forward_outputs(case):
         sequences = grid[0, ::group][None]
         audio = grid[1:].T.reshape(-1, group, channels)[None]
         prompt_length = golden[f"{prompt}.input_ids_grid"].shape[1] // group
-        output = processor.batch_decode(sequences[:, :-1], audio[:, :-1], prompt_length=prompt_length)
+        output = processor.batch_decode_generation(sequences[:, :-1], audio[:, :-1], prompt_length=prompt_length)
         reference = manifest["info"]["fp32"]["prompts"][prompt]["gen_nostop"]
         original_text = re.split(r"<\|im_end\|>|<\|endoftext\|>", reference["detokenized_text_returned_by_MimoAudio.forward"])[0]
         assert output.text == [original_text], prompt
@@ -633,7 +632,7 @@ def test_end_to_end_processor_generate_decode(proc_a, model_a, prompt):
     key = f"fp32.{prompt}.gen_nostop"
     assert torch.equal(output.sequences[0, length:], golden[f"{key}.step_text_token"])
     assert torch.equal(output.audio_sequences[0, length:], golden[f"{key}.step_local_tokens"])
-    decoded = proc_a.batch_decode(output, prompt_length=length)
+    decoded = proc_a.batch_decode_generation(output, prompt_length=length)
     reference = manifest["info"]["fp32"]["prompts"][prompt]["gen_nostop"]
     assert decoded.text == [reference["detokenized_text_returned_by_MimoAudio.forward"]]
     patches = golden[f"{key}.step_local_tokens"][golden[f"{key}.step_is_speech"].bool()]
@@ -653,7 +652,7 @@ def test_end_to_end_batch_with_audio_files(proc_a, model_a):
     output = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     length = inputs["input_ids"].shape[1]
     assert output.sequences.shape == (2, length + 6) and output.audio_sequences.shape == (2, length + 6, 4, 8)
-    decoded = proc_a.batch_decode(output, prompt_length=length)
+    decoded = proc_a.batch_decode_generation(output, prompt_length=length)
     stops = [proc_a.tokenizer.eos_token_id, proc_a.im_end_token_id]
     for row in range(2):
         generated = output.sequences[row, length:].tolist()
@@ -719,7 +718,7 @@ def test_other_group_size_and_channel_count():
     sequences = torch.tensor([[E, E, processor.eostm_token_id]])
     audio = torch.tensor([32, 32, 8]).expand(1, 3, 3, 3).clone()
     audio[0, :2] = codes[:, :6].T.reshape(2, 3, 3)
-    decoded = processor.batch_decode(sequences, audio)
+    decoded = processor.batch_decode_generation(sequences, audio)
     reference = codec.decode(codes[None, :, :6]).audio_values[0, 0]
     assert decoded.text == [""] and decoded.audio[0].shape == (6 * 960,)
     torch.testing.assert_close(decoded.audio[0], reference, rtol=0, atol=1e-6)
@@ -780,8 +779,8 @@ def test_bad_audio_and_options_raise_value_error(proc_a, tmp_path):
     with pytest.raises(ValueError, match="audio_tokenizer"):
         without_codec.asr(str(AUDIO / "prompt_speech_en_w.wav"))
     with pytest.raises(ValueError, match="prompt_length"):
-        proc_a.batch_decode(torch.zeros(1, 4, dtype=torch.long), prompt_length=5)
+        proc_a.batch_decode_generation(torch.zeros(1, 4, dtype=torch.long), prompt_length=5)
     with pytest.raises(ValueError, match="audio_sequences"):
-        proc_a.batch_decode(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4, 7, dtype=torch.long))
+        proc_a.batch_decode_generation(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="No audio"):
         proc_a.save_audio(None, tmp_path / "x.wav")

@@ -232,3 +232,43 @@ def test_torchao_int8_weight_only(checkpoint, reference, inputs, tmp_path):
     reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path, device_map="cpu").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, output.logits)
+
+
+def test_4bit_layers_the_packed_cpu_kernel_rejects_keep_working(tmp_path):
+    """bitsandbytes' packed AVX512-BF16 CPU kernel needs out_features % 32 == 0 and in_features % blocksize == 0; a
+    16-wide k/v projection and an 80-wide MLP are decided at load time to use its generic 4-bit path (reported), so
+    inference (no grad, where bitsandbytes would repack) runs instead of failing inside bitsandbytes."""
+    from transformers.testing_utils import CaptureLogger
+
+    from transformers_mimo import MiMoAudioConfig
+    from transformers_mimo import modeling_mimo_audio
+
+    config = MiMoAudioConfig.from_pretrained(GOLDEN / "lm_b" / "checkpoint")
+    config.text_config.num_key_value_heads = 1  # k_proj / v_proj: 16 outputs
+    config.text_config.intermediate_size = 80  # gate / up: 80 outputs, down: 80 inputs
+    torch.manual_seed(0)
+    reference = MiMoAudioForConditionalGeneration(config).eval()
+    reference.save_pretrained(tmp_path)
+    quantization_config = BitsAndBytesConfig(**MODES["nf4"])
+    with CaptureLogger(modeling_mimo_audio.logger) as captured:
+        model = MiMoAudioForConditionalGeneration.from_pretrained(
+            tmp_path, quantization_config=quantization_config, device_map="cpu"
+        ).eval()
+    packable = {
+        name: module.support_avx512bf16_for_cpu
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
+    assert len(packable) == 7 * config.text_config.num_hidden_layers
+    if bnb.nn.Linear4bit(96, 32).support_avx512bf16_for_cpu:  # a CPU with the AVX512-BF16 kernel
+        assert "use its generic 4-bit path" in captured.out
+        assert "model.language_model.layers.0.self_attn.k_proj" in captured.out
+        assert not any(packable.values())  # here no width fits the packed kernel (in_features 96 % 64 != 0)
+    input_ids = torch.randint(0, 400, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        expected = reference(input_ids=input_ids).logits
+    assert logits.shape == (1, 6, 448) and torch.isfinite(logits).all()
+    assert (logits - expected).norm() / expected.norm() < 0.5
+    generated = model.generate(input_ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.sequences.shape == (1, 9)

@@ -38,7 +38,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, str(README), "exec"), namespace)
     processor, inputs, out = namespace["processor"], namespace["inputs"], namespace["out"]
     # The last request was ASR: its transcript is printed, and it stopped at an ASR stop id or ran 256 positions.
-    transcript = processor.batch_decode(out, prompt_length=inputs["input_ids"].shape[1]).text[0]
+    transcript = processor.batch_decode_generation(out, prompt_length=inputs["input_ids"].shape[1]).text[0]
     assert capsys.readouterr().out == transcript + "\n"
     generated = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     stops = processor.generation_kwargs("asr")["eos_token_id"]

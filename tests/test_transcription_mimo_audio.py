@@ -149,7 +149,7 @@ def test_an_hour_in_batches_equals_each_segment_alone(v25, speech):
             instruction=INSTRUCTION,
         )
         output = model.generate(**inputs, **{**processor.generation_kwargs("asr"), **greedy}, max_new_tokens=5)
-        expected = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False)
+        expected = processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False)
         assert segment.text == expected.text[0]
     assert result.text == join_segment_texts([segment.text for segment in result.segments])
 
@@ -166,7 +166,7 @@ def test_mimo_audio_checkpoint_uses_its_own_prompt(speech):
     result = transcribe(model, processor, [(en, RATE), str(AUDIO / "weather_today_zh.mp3")], max_new_tokens=3)
     inputs = processor.asr(str(AUDIO / "weather_today_zh.mp3"))
     output = model.generate(**inputs, **processor.generation_kwargs("asr"), max_new_tokens=3)
-    assert result[1].text == processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1]).text[0]
+    assert result[1].text == processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1]).text[0]
     with pytest.raises(ValueError, match="needs a MiMo-V2.5-ASR checkpoint"):
         transcribe(model, processor, (en, RATE), language="zh")
 

@@ -319,7 +319,7 @@ def test_greedy_generation_and_transcripts(case, processor, model):
     }
     kwargs = {**processor.generation_kwargs("asr"), "do_sample": False, "audio_do_sample": False}
     output = model.generate(**inputs, **kwargs, max_new_tokens=12, return_dict_in_generate=True)
-    decoded = processor.batch_decode(output, prompt_length=length, decode_audio=False)
+    decoded = processor.batch_decode_generation(output, prompt_length=length, decode_audio=False)
     stops = torch.tensor(kwargs["eos_token_id"])
     for index, name in enumerate(names):
         prompt = features[index]["input_ids"].shape[1]
@@ -338,9 +338,9 @@ def test_greedy_generation_and_transcripts(case, processor, model):
             assert decoded.text[index] == reference, name
         else:
             assert generated == 12
-            truncated = processor.batch_decode(new_tokens[None, :-1], decode_audio=False).text[0]
+            truncated = processor.batch_decode_generation(new_tokens[None, :-1], decode_audio=False).text[0]
             assert truncated == reference, name
-            assert decoded.text[index] == processor.batch_decode(new_tokens[None], decode_audio=False).text[0]
+            assert decoded.text[index] == processor.batch_decode_generation(new_tokens[None], decode_audio=False).text[0]
 
 
 def test_transcript_cleanup_follows_the_original():
@@ -369,7 +369,7 @@ def test_bf16_runs_and_completes(case):
         **inputs, **processor.generation_kwargs("asr"), max_new_tokens=6, return_dict_in_generate=True
     )
     assert output.sequences.shape[1] <= inputs["input_ids"].shape[1] + 6
-    assert isinstance(processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1]).text[0], str)
+    assert isinstance(processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1]).text[0], str)
 
 
 # ------------------------------------------------------------------------------------------------------- bad input

@@ -18,6 +18,7 @@ input error.
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -84,18 +85,65 @@ def _looks_local(name: str) -> bool:
     )
 
 
-def _check_checkpoint(name: str, option: str) -> str:
-    """A local checkpoint directory with a `config.json`, or a Hub id (resolved when loading)."""
+def _check_checkpoint(name: str, option: str, kind: str) -> str:
+    """
+    A local checkpoint directory with a `config.json` of the right `kind` (`"lm"`: a MiMo-Audio language model,
+    original or converted; `"codec"`: a MiMo-Audio-Tokenizer), or a Hub id (resolved when loading). Checked before
+    anything is built: a wrong config would otherwise build the full-size default model.
+    """
     if os.path.exists(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
+        config_path = os.path.join(name, "config.json")
+        if not os.path.isfile(config_path):
             raise InputError(f"{option} {name!r} is not a checkpoint directory (no config.json in it).")
+        _check_config_kind(config_path, option, kind)
         return name
     if _looks_local(name):
         raise InputError(f"{option} {name!r}: no such directory.")
     return name
 
 
+def _check_config_kind(config_path: str, option: str, kind: str):
+    from .configuration_mimo_audio import is_original_config_dict
+
+    try:
+        with open(config_path) as file:
+            config = json.load(file)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{option}: cannot read {config_path!r} as JSON ({error}).") from error
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if kind == "lm":
+        if model_type != "mimo_audio" and not is_original_config_dict(config):
+            raise InputError(
+                f"{option} {os.path.dirname(config_path)!r} is not a MiMo-Audio language model (its config.json has "
+                f"model_type {model_type!r}; expected 'mimo_audio' or an original MiMo-Audio config)."
+            )
+    elif model_type not in (None, "mimo_audio_tokenizer") or is_original_config_dict(config):
+        raise InputError(
+            f"{option} {os.path.dirname(config_path)!r} is not a MiMo-Audio audio tokenizer (its config.json has "
+            f"model_type {model_type!r}; expected 'mimo_audio_tokenizer')."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------- loading
+
+
+def _check_device(device: str) -> str:
+    """`--device`: a device name torch knows, whose backend is available on this machine (checked by `main` before
+    any command runs)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"--device {device!r} is not a device (use cuda, cuda:1, mps or cpu).") from error
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu).")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device!r}: MPS is not available on this machine (use --device cpu).")
+    elif parsed.type not in ("cuda", "mps", "cpu"):
+        raise InputError(f"--device {device!r} is not supported (use cuda, cuda:1, mps or cpu).")
+    return device
 
 
 def _resolve_device_and_dtype(args) -> tuple[str, torch.dtype]:
@@ -130,12 +178,12 @@ def load_model_and_processor(args):
     from .processing_mimo_audio import MiMoAudioProcessor
     from .training_mimo_audio import QUANTIZATION_SKIP_MODULES
 
-    model_path = _check_checkpoint(args.model, "--model")
+    model_path = _check_checkpoint(args.model, "--model", kind="lm")
     codec_path = args.audio_tokenizer
     if codec_path is None:
         bundled = os.path.join(model_path, "audio_tokenizer")
         codec_path = bundled if os.path.isfile(os.path.join(bundled, "config.json")) else DEFAULT_AUDIO_TOKENIZER
-    codec_path = _check_checkpoint(codec_path, "--audio-tokenizer")
+    codec_path = _check_checkpoint(codec_path, "--audio-tokenizer", kind="codec")
     device, dtype = _resolve_device_and_dtype(args)
 
     load_kwargs = {"dtype": dtype}
@@ -214,20 +262,31 @@ def _generation_config(model, processor, args, task: str):
     return config
 
 
+def _set_seed(seed: int):
+    """Seeds Python, NumPy and torch, as `transformers.set_seed` does, without importing `transformers.trainer_utils`
+    (which imports peft and with it bitsandbytes, whose kernel loading prints a warning on commands that do not
+    quantize)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def run_generation(model, processor, inputs, args, task: str, description: str):
     """`generate` as the original runs `task` (see `MiMoAudioProcessor.generation_kwargs`), with a progress bar, then
-    `batch_decode` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
-    from transformers import set_seed
-
+    `batch_decode_generation` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
     generation_config = _generation_config(model, processor, args, task)
     speech = processor.eostm_token_id in generation_config.eos_token_id  # the answer is a speech stream
     if args.seed is not None:
-        set_seed(args.seed)
+        _set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     with torch.inference_mode():
         output = model.generate(**inputs, generation_config=generation_config, streamer=progress)
-        decoded = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
+        decoded = processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
     return decoded.text[0], decoded.audio[0], progress.speech_patches
 
 
@@ -512,7 +571,8 @@ def cmd_reconstruct(args) -> int:
     source = _check_input_file(args.input)
     output = _check_output_file(args.output)
     device, dtype = _resolve_device_and_dtype(args)
-    codec = load_audio_tokenizer(_check_checkpoint(args.audio_tokenizer, "--audio-tokenizer"), device, dtype)
+    codec_path = _check_checkpoint(args.audio_tokenizer, "--audio-tokenizer", kind="codec")
+    codec = load_audio_tokenizer(codec_path, device, dtype)
     if args.num_quantizers is not None and not 1 <= args.num_quantizers <= codec.config.num_quantizers:
         raise InputError(
             f"--num-quantizers must be between 1 and {codec.config.num_quantizers}, got {args.num_quantizers}."
@@ -571,7 +631,7 @@ def cmd_demo(args) -> int:
     print(f"  generation: sampling with seed {args.seed}, at most {args.max_new_tokens} positions")
 
     sentence = "Hello from MiMo-Audio."
-    print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode")
+    print(f"\n[1] Text to speech: processor.tts({sentence!r}) -> model.generate -> processor.batch_decode_generation")
     inputs = processor.tts(sentence)
     text, waveform, patches = run_generation(model, processor, inputs, args, task="tts", description="tts")
     print(f"  generated text: {text!r}")
@@ -581,7 +641,7 @@ def cmd_demo(args) -> int:
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": question}]}]
     print(
         f"\n[2] Spoken dialogue: a synthetic {question.shape[0] / processor.sampling_rate:.1f} s tone as the user's "
-        "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode"
+        "speech -> processor.spoken_dialogue -> model.generate -> processor.batch_decode_generation"
     )
     inputs = processor.spoken_dialogue(conversation)
     text, waveform, patches = run_generation(
@@ -761,6 +821,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "max_new_tokens", 1) < 1:
         print(f"mimo-audio {args.command}: error: --max-new-tokens must be positive.", file=sys.stderr)
         return EXIT_USAGE
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        print(f"mimo-audio {args.command}: error: --seed must be in [0, 2**32), got {seed}.", file=sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "device", None) is not None:
+        try:
+            _check_device(args.device)
+        except InputError as error:
+            print(f"mimo-audio {args.command}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
 
     from transformers.utils import logging
 

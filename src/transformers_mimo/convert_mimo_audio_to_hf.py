@@ -11,6 +11,7 @@ the converted audio tokenizer in `audio_tokenizer/`.
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .configuration_mimo_audio import (
     is_original_config_dict,
     special_token_ids_from_vocab,
 )
+from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
 from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
 from .processing_mimo_audio import MiMoAudioProcessor
 from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
@@ -143,7 +145,9 @@ def load_text_tokenizer(input_dir: Path):
 
 def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationConfig:
     """The original's default sampling: text top-k 50 / top-p 0.95 / temperature 0.6, audio top-p 0.95 /
-    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; at most 8192 positions.
+    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; returns the text and audio sequences
+    (`return_dict_in_generate`). No length is stored, so `max_new_tokens` never clashes with a stored `max_length`;
+    without one, `generate` stops at the context length (8192 positions, the original's limit).
 
     A MiMo-V2.5-ASR checkpoint gets that release's ASR settings instead: greedy text, audio as above (used only if
     the model emits `<|empty|>`), stops at end-of-text and `<|im_end|>`."""
@@ -156,13 +160,13 @@ def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationC
     )
     generation_config = GenerationConfig(
         **text_sampling,
-        max_length=8192,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
         audio_do_sample=True,
         audio_temperature=0.9,
         audio_top_p=0.95,
         audio_top_k=None,
+        return_dict_in_generate=True,
     )
     # Keep the audio_* keys when the file is read back (configs "from the model config" drop unknown keys).
     generation_config._from_model_config = False
@@ -210,10 +214,23 @@ def convert(
     """
     Converts the checkpoint in `input_dir` into `output_dir`; returns `output_dir`. See the module docstring. With
     `verify`, both checkpoints are run on a sample afterwards and must give identical logits (`verify_conversion`).
+
+    `output_dir` may not be, lie inside or link to `input_dir` or `tokenizer_dir` (also with `force`). Everything is
+    written into a temporary directory next to it and moved in only when the conversion (and the verification)
+    succeeded, so a failure leaves no partial output. With `force`, a non-empty `output_dir` receives the new files;
+    only the files this conversion writes (and the weight files of an earlier conversion) are replaced.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if output_dir.resolve() == input_dir.resolve():
-        raise ValueError("--output_dir must differ from --input_dir: the conversion never writes over the original.")
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"--input_dir {str(input_dir)!r} is not a directory.")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"--tokenizer_dir {str(tokenizer_dir)!r} is not a directory.")
+    check_output_dir(
+        output_dir,
+        {"--input_dir": input_dir, "--tokenizer_dir": tokenizer_dir},
+        force,
+        written_subdirs=("audio_tokenizer",),
+    )
     config_path = input_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: --input_dir must be an original MiMo-Audio checkpoint.")
@@ -222,12 +239,6 @@ def convert(
         raise ValueError(f"{config_path} is not an original MiMo-Audio config (no `speech_vocab_size`).")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise FileExistsError(f"{output_dir} exists and is not a directory.")
-        if any(output_dir.iterdir()) and not force:
-            raise FileExistsError(f"{output_dir} exists and is not empty; pass --force to overwrite it.")
-
     has_text_tokenizer = (input_dir / "tokenizer.json").is_file() or (input_dir / "vocab.json").is_file()
     tokenizer = load_text_tokenizer(input_dir) if has_text_tokenizer else None
     special_ids = special_token_ids_from_vocab(tokenizer.get_vocab()) if tokenizer is not None else {}
@@ -266,22 +277,38 @@ def convert(
     model.config.dtype = target_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else None)
     model.generation_config = default_generation_config(config, tokenizer)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer_dir is not None:  # first: the codec's checks run before any file of the language model is written
-        convert_mimo_audio_tokenizer_checkpoint(
-            tokenizer_dir, output_dir / "audio_tokenizer", dtype=dtype, force=force, verify=verify
-        )
-    # With --force, remove the weights a previous conversion wrote (stale shards included); leave other files alone.
-    for stale in [*output_dir.glob("model*.safetensors"), output_dir / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-    model.save_pretrained(str(output_dir), max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(output_dir))
+    # Everything is written next to `output_dir` and moved into place only once complete (and verified, when asked).
+    with staged_output_dir(output_dir) as staging:
         if tokenizer_dir is not None:
-            # Text tokenizer + codec are both there: write the processor files (processor_config.json, ...).
-            MiMoAudioProcessor.from_pretrained(output_dir).save_pretrained(output_dir)
-    if verify and (difference := verify_conversion(input_dir, output_dir, dtype)) != 0:
-        raise ValueError(f"Verification failed: the converted checkpoint's logits differ by up to {difference}.")
+            convert_mimo_audio_tokenizer_checkpoint(
+                tokenizer_dir, staging / "audio_tokenizer", dtype=dtype, verify=verify
+            )
+        model.save_pretrained(str(staging), max_shard_size=max_shard_size)
+        write_model_card(
+            staging,
+            output_dir,
+            model_type="mimo_audio",
+            title="MiMo-Audio (transformers-mimo format)",
+            source=input_dir.name,
+            auto_classes="AutoModel, AutoProcessor",
+            usage='processor = AutoProcessor.from_pretrained("path/to/this/dir")  # text tokenizer + codec\n'
+            'model = AutoModel.from_pretrained("path/to/this/dir")  # MiMoAudioForConditionalGeneration',
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+            if tokenizer_dir is not None:
+                # Text tokenizer + codec are both there: write the processor files (processor_config.json, ...).
+                MiMoAudioProcessor.from_pretrained(staging).save_pretrained(staging)
+        if verify:
+            difference = verify_conversion(input_dir, staging, dtype)
+            if not math.isfinite(difference):
+                raise ValueError(
+                    "Verification failed: the logits are not finite (NaN or infinite weights in the checkpoint?)."
+                )
+            if difference != 0:
+                raise ValueError(
+                    f"Verification failed: the converted checkpoint's logits differ by up to {difference}."
+                )
     return output_dir
 
 
@@ -291,13 +318,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer_dir", default=None, help="Original MiMo-Audio-Tokenizer directory (optional).")
     parser.add_argument("--output_dir", required=True, help="Where to write the converted checkpoint.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Cast weights (default: keep).")
-    parser.add_argument("--force", action="store_true", help="Overwrite a non-empty output directory.")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Write into a non-empty output directory, replacing only the files the conversion writes.",
+    )
     parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard (default 5GB).")
     parser.add_argument(
         "--verify", action="store_true", help="Run the original and the converted checkpoint on a sample and compare."
     )
     args = parser.parse_args(argv)
-    output_dir = convert(
+    output_dir = run_conversion(
+        convert,
         args.input_dir,
         args.output_dir,
         tokenizer_dir=args.tokenizer_dir,

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
+from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .modeling_mimo_audio_tokenizer import (
     ORIGINAL_KEY_RENAMES,
@@ -139,16 +140,6 @@ def _renamed_keys(original: dict[str, torch.Tensor], ignored_keys: list[str]) ->
     return renamed
 
 
-def _prepare_output_dir(input_dir: Path, output_dir: Path, force: bool) -> None:
-    if output_dir.resolve() == input_dir.resolve():
-        raise ValueError("--output_dir must differ from --input_dir (the original checkpoint is never overwritten).")
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise FileExistsError(f"{output_dir} exists and is not a directory.")
-        if any(output_dir.iterdir()) and not force:
-            raise FileExistsError(f"{output_dir} is not empty; pass --force to overwrite it.")
-
-
 def _verify(input_dir: Path, output_dir: Path, dtype: torch.dtype | None, seconds: float = 2.0) -> dict[str, float]:
     """Runs the original directory (renamed on load) and the converted one on the same waveform; raises on mismatch.
 
@@ -193,10 +184,11 @@ def convert_mimo_audio_tokenizer_checkpoint(
 
     Args:
         input_dir: original checkpoint directory (`config.json` + `model.safetensors` or shards).
-        output_dir: directory to write; must be empty or absent unless `force`.
+        output_dir: directory to write; must be empty or absent unless `force`, and must not be, lie inside or link to
+            `input_dir`. The files are written next to it and moved in once complete (and verified).
         dtype: `"float32"`, `"bfloat16"` or `"float16"` to cast floating-point tensors; `None` keeps each tensor's
             stored dtype.
-        force: overwrite a non-empty `output_dir`.
+        force: write into a non-empty `output_dir`, replacing only the files this conversion writes.
         verify: afterwards, run the original directory and the converted one on a synthetic clip and require
             identical codes and waveforms.
     """
@@ -205,7 +197,7 @@ def convert_mimo_audio_tokenizer_checkpoint(
         raise FileNotFoundError(f"Input directory {input_dir} does not exist.")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}.")
-    _prepare_output_dir(input_dir, output_dir, force)
+    check_output_dir(output_dir, {"--input_dir": input_dir}, force)
 
     config = _read_original_config(input_dir)
     original = _read_state_dict(_weight_files(input_dir))
@@ -227,14 +219,6 @@ def convert_mimo_audio_tokenizer_checkpoint(
 
     feature_extractor = MiMoAudioFeatureExtractor.from_audio_tokenizer_config(config)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # With --force, remove what a previous conversion wrote (stale shards included); leave other files alone.
-    for stale in [*output_dir.glob("model*.safetensors"), output_dir / WEIGHTS_INDEX_NAME]:
-        stale.unlink(missing_ok=True)
-    config.save_pretrained(output_dir)
-    save_file(converted, str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    feature_extractor.save_pretrained(output_dir)
-
     summary = ConversionSummary(
         input_dir=input_dir,
         output_dir=output_dir,
@@ -246,8 +230,25 @@ def convert_mimo_audio_tokenizer_checkpoint(
         dtypes=dict(Counter(str(tensor.dtype).removeprefix("torch.") for tensor in converted.values())),
         files=["config.json", WEIGHTS_NAME, "preprocessor_config.json"],
     )
-    if verify:
-        summary.verification = _verify(input_dir, output_dir, target_dtype)
+    # Written next to `output_dir` and moved into place only once complete (and verified, when asked).
+    with staged_output_dir(output_dir) as staging:
+        config.save_pretrained(staging)
+        save_file(converted, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        feature_extractor.save_pretrained(staging)
+        card_written = write_model_card(
+            staging,
+            output_dir,
+            model_type="mimo_audio_tokenizer",
+            title="MiMo-Audio-Tokenizer (transformers-mimo format)",
+            source=input_dir.name,
+            auto_classes="AutoFeatureExtractor, AutoModel",
+            usage='feature_extractor = AutoFeatureExtractor.from_pretrained("path/to/this/dir")\n'
+            'codec = AutoModel.from_pretrained("path/to/this/dir")  # MiMoAudioTokenizerModel: encode / decode',
+        )
+        if card_written:
+            summary.files.append("README.md")
+        if verify:
+            summary.verification = _verify(input_dir, staging, target_dtype)
     return summary
 
 
@@ -258,17 +259,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: keep their dtype)"
     )
-    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --output_dir")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --output_dir, replacing only the files the conversion writes",
+    )
     parser.add_argument(
         "--verify", action="store_true", help="run original and converted models on a sample and compare"
     )
     args = parser.parse_args(argv)
-    try:
-        summary = convert_mimo_audio_tokenizer_checkpoint(
-            args.input_dir, args.output_dir, dtype=args.dtype, force=args.force, verify=args.verify
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        raise SystemExit(f"error: {error}") from error
+    summary = run_conversion(
+        convert_mimo_audio_tokenizer_checkpoint,
+        args.input_dir,
+        args.output_dir,
+        dtype=args.dtype,
+        force=args.force,
+        verify=args.verify,
+    )
     print(summary)
 
 

@@ -223,22 +223,26 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         generation_config: GenerationConfig | None = None,
         streamer: BaseStreamer | None = None,
         **kwargs,
-    ) -> MiMoAudioGenerateOutput:
+    ) -> MiMoAudioGenerateOutput | torch.LongTensor:
         r"""
         Generates text and audio, one LLM position per step (see the module docstring).
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
-                Text channel of the prompt, left-padded for batches; audio positions hold `<|empty|>`.
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*):
+                Text channel of the prompt, left-padded for batches; audio positions hold `<|empty|>`. Without it,
+                generation starts from `bos_token_id` (of the generation config, else `<|im_start|>`), as
+                Transformers models do.
             audio_input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length, group_size, audio_channels)`, *optional*):
-                Audio channel of the prompt. Defaults to all empty ids (a text-only prompt).
+                Audio channel of the prompt. Needed when `input_ids` holds `<|empty|>` (audio positions); defaults to
+                all empty ids for a text-only prompt.
             attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
                 0 at left padding.
             generation_config (`GenerationConfig`, *optional*):
                 Besides the usual text controls (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`,
                 `min_new_tokens`, `eos_token_id` = the stop ids, ...; lengths count LLM positions), it reads the audio
                 controls `audio_do_sample` (default: `do_sample`), `audio_temperature` (1.0), `audio_top_k` (None)
-                and `audio_top_p` (1.0). Any of them can also be passed as keyword arguments.
+                and `audio_top_p` (1.0). Any of them can also be passed as keyword arguments. Without any length
+                setting, generation stops at `text_config.max_position_embeddings` positions (prompt included).
             streamer (`BaseStreamer`, *optional*):
                 A [`MiMoAudioStreamer`] receives each step's text tokens and audio patches; any other streamer
                 receives the text tokens.
@@ -246,21 +250,44 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                 Generation controls, `logits_processor` / `stopping_criteria` for the text channel, and model kwargs.
 
         Returns:
+            With `return_dict_in_generate=True` (this model's default, set in its generation config): a
             [`MiMoAudioGenerateOutput`] with `sequences` `(batch_size, total_length)` and `audio_sequences`
-            `(batch_size, total_length, group_size, audio_channels)`, prompt included. Scores, logits and the cache
-            are filled in when `return_dict_in_generate=True` (and `output_scores` / `output_logits`).
+            `(batch_size, total_length, group_size, audio_channels)`, prompt included, plus scores, logits and the
+            cache when asked for. With `return_dict_in_generate=False`, as every Transformers model: the `sequences`
+            tensor (text channel) only; the generated audio needs the dict output.
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
-        if input_ids is None:
-            raise ValueError("`generate` needs `input_ids` of shape (batch_size, prompt_length).")
+        generation_mode = kwargs.pop("generation_mode", None)  # set by the any-to-any pipeline
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("`generate` takes `input_ids` and `audio_input_ids`, not `inputs_embeds`.")
+        config = self.config
+        if input_ids is None:
+            input_ids = self._start_ids(generation_config, attention_mask, kwargs)
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, prompt_length), got {tuple(input_ids.shape)}.")
-        config = self.config
+        if input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` is an empty prompt (prompt_length 0): give at least one position.")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        if generation_mode not in (None, "text", "audio"):
+            raise ValueError(f"`generation_mode` must be 'text' or 'audio', got {generation_mode!r}.")
+        if generation_mode == "audio" and not (input_ids[:, -1] == config.sostm_token_id).all():
+            raise ValueError(
+                "generation_mode='audio' needs a prompt that opens a speech answer (`<|sostm|>` last): build it with "
+                "`output_modality='audio'` (in a pipeline: `processor_kwargs={'output_modality': 'audio'}`)."
+            )
         patch_shape = (config.group_size, config.audio_channels)
         if audio_input_ids is None:
+            if (input_ids == config.empty_token_id).any():
+                raise ValueError(
+                    f"`input_ids` holds audio positions (`<|empty|>`, id {config.empty_token_id}) but "
+                    "`audio_input_ids` is None: pass the prompt's audio codes as `audio_input_ids` (the processor "
+                    "returns them)."
+                )
             empty_ids = torch.tensor(config.audio_empty_ids, dtype=torch.long, device=input_ids.device)
             audio_input_ids = empty_ids.expand(*input_ids.shape, *patch_shape)
         elif audio_input_ids.shape != (*input_ids.shape, *patch_shape):
@@ -270,6 +297,14 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             )
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        lengths = ("max_length", "max_new_tokens")
+        if not any(
+            kwargs.get(key) is not None
+            or getattr(generation_config, key, None) is not None
+            or getattr(self.generation_config, key, None) is not None
+            for key in lengths
+        ):
+            kwargs["max_length"] = config.text_config.max_position_embeddings
         return super().generate(
             input_ids.long(),
             generation_config=generation_config,
@@ -277,6 +312,20 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             audio_input_ids=audio_input_ids.long().contiguous(),
             **kwargs,
         )
+
+    def _start_ids(
+        self, generation_config: GenerationConfig | None, attention_mask: torch.Tensor | None, kwargs: dict
+    ) -> torch.LongTensor:
+        """The prompt of a `generate` call without `input_ids`: `bos_token_id` (else `<|im_start|>`), `(batch_size, 1)`
+        with the batch size of `attention_mask` (else 1)."""
+        bos_token_id = kwargs.get("bos_token_id")
+        for source in (generation_config, self.generation_config):
+            if bos_token_id is None and source is not None:
+                bos_token_id = source.bos_token_id
+        if bos_token_id is None:
+            bos_token_id = self.config.im_start_token_id
+        batch_size = attention_mask.shape[0] if attention_mask is not None else 1
+        return torch.full((batch_size, 1), int(bos_token_id), dtype=torch.long, device=self.device)
 
     def _prepare_generation_config(
         self, generation_config: GenerationConfig | None, **kwargs: Any
@@ -690,6 +739,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         if streamer is not None:
             streamer.end()
 
+        if not return_dict_in_generate:
+            return sequences[:, :length].clone()
         return MiMoAudioGenerateOutput(
             sequences=sequences[:, :length].clone(),
             audio_sequences=audio_sequences[:, :length].clone(),
@@ -699,7 +750,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             audio_logits=audio_logits,
             attentions=attentions,
             hidden_states=hidden_states,
-            cache=model_kwargs.get("cache") if return_dict_in_generate else None,
+            cache=model_kwargs.get("cache"),
         )
 
     def _mask_audio_rows(

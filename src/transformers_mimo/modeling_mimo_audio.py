@@ -1,5 +1,6 @@
 """MiMo-Audio speech-text language model: patch encoder, Qwen2 backbone, patch decoder."""
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -12,12 +13,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    TransformersKwargs,
+    can_return_tuple,
+    cached_file,
+    logging,
+)
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_mimo_audio import MiMoAudioConfig
+from .configuration_mimo_audio import MiMoAudioConfig, is_original_config_dict
 from .generation_mimo_audio import MiMoAudioGenerationMixin
 
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -73,7 +83,7 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
-    # Checkpoint keys that loading this class leaves out on purpose (see `from_pretrained`).
+    # Keys of an original checkpoint that loading this class leaves out on purpose (see `from_pretrained`).
     _ignored_prefixes_on_load: tuple[str, ...] = ()
 
     def _set_patch_attn_implementation(self):
@@ -113,30 +123,94 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
             state.absmax = state.absmax.T.reshape(-1).to(torch.float32)  # (N * K / blocksize,), quantization's order
             weight.quant_state = state
 
+    def _keep_bnb_cpu_4bit_layers_unpacked(self) -> list[str]:
+        """
+        bitsandbytes (0.50) repacks a 4-bit weight `(N, K)` for its AVX512-BF16 CPU kernel at the first CPU inference,
+        which needs `N` divisible by 32 and `K` by the quantization block size; other layers (e.g. an 80-wide or
+        16-wide projection) fail there with an assertion or a reshape error. Those layers keep bitsandbytes' generic
+        (unpacked) 4-bit path instead; returns their names.
+        """
+        unpacked = []
+        for name, module in self.named_modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+                continue
+            out_features, in_features = state.shape
+            if out_features % 32 or in_features % 2 or in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+                unpacked.append(name)
+        return unpacked
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """
         Loads a checkpoint in this package's layout or in the original MiMo-Audio layout (flat Qwen2 config and
-        `speech_embeddings.*`, `local_transformer.*`, ... keys, translated on load). Unlike the Transformers default,
-        missing or unexpected weights raise a `ValueError`.
+        `speech_embeddings.*`, `local_transformer.*`, ... keys, translated on load).
+
+        This package's layout follows Transformers: missing weights are initialised and reported with unexpected ones
+        (a warning, and `output_loading_info=True`), so a base-model checkpoint loads into the head class and vice
+        versa. Loading an original checkpoint is a conversion: there, a missing, unexpected or mis-shaped tensor
+        raises a `ValueError`.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        loading_info["unexpected_keys"] = {
-            key
-            for key in loading_info.get("unexpected_keys") or []
-            if not key.startswith(cls._ignored_prefixes_on_load)
-        }
-        problems = {
-            kind: sorted(loading_info.get(kind) or [])
-            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-            if loading_info.get(kind)
-        }
-        if problems:
-            raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}")
+        if unpacked := model._keep_bnb_cpu_4bit_layers_unpacked():
+            logger.warning(
+                f"{len(unpacked)} 4-bit layer(s) have widths bitsandbytes' packed CPU kernel does not support; they "
+                f"use its generic 4-bit path on CPU: {unpacked}"
+            )
+        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        if model.can_generate() and "return_dict_in_generate" not in _stored_generation_config(
+            pretrained_model_name_or_path, hub_kwargs
+        ):
+            model.generation_config.return_dict_in_generate = True  # see `MiMoAudioForConditionalGeneration`
+        if _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs):
+            loading_info["unexpected_keys"] = {
+                key
+                for key in loading_info.get("unexpected_keys") or []
+                if not key.startswith(cls._ignored_prefixes_on_load)
+            }
+            problems = {
+                kind: sorted(loading_info.get(kind) or [])
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if loading_info.get(kind)
+            }
+            if problems:
+                raise ValueError(
+                    f"Original checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}"
+                )
         return (model, loading_info) if output_loading_info else model
+
+
+# `from_pretrained` arguments that locate the checkpoint's files.
+_HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def _stored_generation_config(pretrained_model_name_or_path, hub_kwargs: dict) -> dict:
+    """The checkpoint's `generation_config.json` as stored (`{}` where there is none)."""
+    config_file = cached_file(
+        pretrained_model_name_or_path,
+        GENERATION_CONFIG_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        **hub_kwargs,
+    )
+    if config_file is None:
+        return {}
+    with open(config_file) as file:
+        return json.load(file)
+
+
+def _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs: dict) -> bool:
+    """Whether the checkpoint's `config.json` is the flat config of an original MiMo-Audio checkpoint."""
+    config_file = cached_file(
+        pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if config_file is None:
+        return False
+    with open(config_file) as file:
+        return is_original_config_dict(json.load(file))
 
 
 class MiMoAudioPatchEncoder(nn.Module):
@@ -286,7 +360,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
     the patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
     """
 
-    # Loading it from a full checkpoint leaves out the heads.
+    # Loading it from a full original checkpoint leaves out the heads.
     _ignored_prefixes_on_load = ("lm_head.", "patch_decoder.")
 
     def __init__(self, config: MiMoAudioConfig):
@@ -354,6 +428,14 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` is empty (seq_len 0): give at least one position.")
+        vocab_size = self.config.text_config.vocab_size
+        if ((input_ids < 0) | (input_ids >= vocab_size)).any():
+            raise ValueError(
+                f"`input_ids` holds ids outside the text vocabulary [0, {vocab_size}): min {int(input_ids.min())}, "
+                f"max {int(input_ids.max())}."
+            )
         is_audio = input_ids == self.config.empty_token_id
         text_embeds = self.get_input_embeddings()(input_ids)
         text_embeds = text_embeds.masked_fill(is_audio.unsqueeze(-1).to(text_embeds.device), 0.0)
@@ -436,6 +518,25 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.get_inputs_embeds(input_ids, audio_input_ids)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            batch_size, seq_len = inputs_embeds.shape[:2]
+            if cache is not None and cache.is_compileable:
+                # a static cache's mask covers the positions seen so far or the whole cache (no host sync here)
+                max_length = cache.get_max_length()
+                if attention_mask.shape[0] != batch_size or not seq_len <= attention_mask.shape[1] <= max_length:
+                    raise ValueError(
+                        f"`attention_mask` must have shape (batch_size, past_length + seq_len) with batch_size "
+                        f"{batch_size} and at most the static cache's {max_length} positions, got "
+                        f"{tuple(attention_mask.shape)}."
+                    )
+            else:
+                past_length = cache.get_seq_length() if cache is not None else 0
+                expected = (batch_size, past_length + seq_len)
+                if tuple(attention_mask.shape) != expected:
+                    raise ValueError(
+                        f"`attention_mask` must have shape (batch_size, past_length + seq_len) = {expected}, got "
+                        f"{tuple(attention_mask.shape)}."
+                    )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         return self.language_model(
@@ -455,6 +556,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Sharded like the embeddings it may be tied to (as Qwen2ForCausalLM's head).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # Left unquantized by bitsandbytes / torchao (only the LLM's linear layers are quantized; `lm_head` is skipped by
     # Transformers' default) and kept in fp32 when loading in fp16. Measurements: docs/quantization.md.
     _keep_in_fp32_modules = ["model.audio_embeddings", "model.patch_encoder", "patch_decoder"]
@@ -470,6 +573,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.patch_decoder = MiMoAudioPatchDecoder(config)
         self.post_init()
+        # `generate` returns the text and audio sequences (`MiMoAudioGenerateOutput`) unless told otherwise.
+        self.generation_config.return_dict_in_generate = True
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

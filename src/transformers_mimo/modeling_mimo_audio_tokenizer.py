@@ -44,22 +44,29 @@ def _check_hann_window(window: torch.Tensor, nfft: int):
         raise ValueError(f"`{ORIGINAL_WINDOW_KEY}` is not a periodic Hann window of length {nfft}.")
 
 
-def _stored_original_window(pretrained_model_name_or_path, hub_kwargs: dict) -> torch.Tensor | None:
-    """The ISTFT window stored in an original safetensors checkpoint, `None` where there is none."""
+def _original_checkpoint_window(pretrained_model_name_or_path, hub_kwargs: dict) -> tuple[bool, torch.Tensor | None]:
+    """
+    Whether the safetensors checkpoint is in the original layout (its keys need `ORIGINAL_KEY_RENAMES`), and the ISTFT
+    window it stores (`None` where there is none).
+    """
     hub_kwargs = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
     index = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_INDEX_NAME, **hub_kwargs)
     if index is None:
-        filename = SAFE_WEIGHTS_NAME
+        filenames = [SAFE_WEIGHTS_NAME]
     else:
         with open(index) as file:
-            filename = json.load(file)["weight_map"].get(ORIGINAL_WINDOW_KEY)
-        if filename is None:
-            return None
-    path = cached_file(pretrained_model_name_or_path, filename, **hub_kwargs)
-    if path is None:
-        return None
-    with safe_open(path, framework="pt") as checkpoint:
-        return checkpoint.get_tensor(ORIGINAL_WINDOW_KEY) if ORIGINAL_WINDOW_KEY in checkpoint.keys() else None
+            filenames = sorted(set(json.load(file)["weight_map"].values()))
+    is_original, window = False, None
+    for filename in filenames:
+        path = cached_file(pretrained_model_name_or_path, filename, **hub_kwargs)
+        if path is None:
+            continue
+        with safe_open(path, framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+            is_original |= any(re.match(pattern, key) for pattern, _ in ORIGINAL_KEY_RENAMES for key in keys)
+            if ORIGINAL_WINDOW_KEY in keys:
+                window = checkpoint.get_tensor(ORIGINAL_WINDOW_KEY)
+    return is_original, window
 
 
 def _rename_original_key(key: str) -> str:
@@ -673,13 +680,20 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, MiMoAudioTokenizerCodebook):
-            init.normal_(module.embed, mean=0.0, std=1.0)
+            # A buffer filled from the checkpoint; initialised deterministically, as Mimi's codebook buffers.
+            init.zeros_(module.embed)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Loads a directory saved by this class or an ORIGINAL MiMo-Audio-Tokenizer directory (keys are renamed on
-        load, see `ORIGINAL_KEY_RENAMES`). Raises `ValueError` on missing, unexpected or mis-shaped tensors, and when
-        an original checkpoint's ISTFT window (not loaded: the model rebuilds it) is not a periodic Hann window."""
+        """
+        Loads a directory saved by this class or an ORIGINAL MiMo-Audio-Tokenizer directory (keys are renamed on load,
+        see `ORIGINAL_KEY_RENAMES`).
+
+        This package's layout follows Transformers: missing weights are initialised and reported with unexpected ones
+        (a warning, and `output_loading_info=True`). Loading an original checkpoint is a conversion: there, a missing,
+        unexpected or mis-shaped tensor raises a `ValueError`, as does an ISTFT window (not loaded: the model rebuilds
+        it) that is not a periodic Hann window.
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
         hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
         key_mapping = dict(ORIGINAL_KEY_RENAMES)
@@ -687,13 +701,16 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, output_loading_info=True, **kwargs
         )
-        problems = {
-            name: sorted(map(str, loading_info.get(name) or ()))
-            for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
-        }
-        if any(problems.values()):
-            raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match the model: {problems}")
-        window = _stored_original_window(pretrained_model_name_or_path, hub_kwargs)
+        is_original, window = _original_checkpoint_window(pretrained_model_name_or_path, hub_kwargs)
+        if is_original:
+            problems = {
+                name: sorted(map(str, loading_info.get(name) or ()))
+                for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            }
+            if any(problems.values()):
+                raise ValueError(
+                    f"Original checkpoint {pretrained_model_name_or_path} does not match the model: {problems}"
+                )
         if window is not None:
             _check_hann_window(window, model.config.nfft)
         # The renaming only translates original checkpoints; `save_pretrained` must write our own layout.
@@ -939,16 +956,26 @@ class MiMoAudioTokenizerModel(MiMoAudioTokenizerPreTrainedModel):
         input_features: torch.FloatTensor,
         input_features_mask: torch.Tensor | None = None,
         num_quantizers: int | None = None,
-    ) -> MiMoAudioTokenizerOutput:
-        """Encodes and decodes (reconstruction). Shapes as in `encode` and `decode`."""
+        return_dict: bool | None = None,
+    ) -> MiMoAudioTokenizerOutput | tuple[torch.Tensor, ...]:
+        """
+        Encodes and decodes (reconstruction). Shapes as in `encode` and `decode`.
+
+        Args:
+            return_dict (`bool`, *optional*):
+                Whether to return a [`MiMoAudioTokenizerOutput`] or, as with Mimi, a plain tuple `(audio_codes,
+                audio_codes_mask, audio_values, audio_values_lengths)`. Defaults to `config.return_dict`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.encode(input_features, input_features_mask, num_quantizers)
         decoded = self.decode(encoded.audio_codes, encoded.audio_codes_mask)
-        return MiMoAudioTokenizerOutput(
+        output = MiMoAudioTokenizerOutput(
             audio_codes=encoded.audio_codes,
             audio_codes_mask=encoded.audio_codes_mask,
             audio_values=decoded.audio_values,
             audio_values_lengths=decoded.audio_values_lengths,
         )
+        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
 from .audio_utils import resample_waveform
@@ -119,6 +119,8 @@ STREAM_AUDIO_CHUNK = 5
 
 # The original decodes generated codes in segments of this many frames.
 DECODE_SEGMENT_FRAMES = 1500
+# Quantizers of the released MiMo-Audio-Tokenizer: precomputed `audio_codes` with more rows are (frames, quantizers).
+MAX_CODEC_QUANTIZERS = 20
 
 # How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
 # `task_sampler_configs`): stop tokens besides end-of-text, and text / audio sampling. Every task of the original
@@ -449,6 +451,13 @@ def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFe
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class MiMoAudioProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {
+        "text_kwargs": {"padding": True, "padding_side": "left", "add_special_tokens": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
 @dataclass
 class MiMoAudioDecodedOutput:
     """Decoded generations.
@@ -490,6 +499,8 @@ class MiMoAudioProcessor(ProcessorMixin):
             `"mimo-v2.5-asr"` audio is encoded with MiMo-V2.5-ASR's recipe (30 s waveform chunks, see
             `encode_audio`), `asr` takes a `language`, and decoded text is cleaned as that release's ASR does.
     """
+
+    valid_processor_kwargs = MiMoAudioProcessorKwargs
 
     def __init__(
         self,
@@ -578,8 +589,12 @@ class MiMoAudioProcessor(ProcessorMixin):
                 load it from (e.g. an original "MiMo-Audio-Tokenizer" directory). Defaults to the `audio_tokenizer/`
                 subfolder when there is one.
             device (`str` or `torch.device`, *optional*): where to put the codec (default: CPU).
-            dtype (`torch.dtype`, *optional*): the codec's dtype (default: as saved).
+            dtype (`torch.dtype` or `str`, *optional*): the codec's dtype (default, or `"auto"`: as saved).
         """
+        if dtype == "auto":  # what pipelines pass
+            dtype = None
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         hub_kwargs = {
             key: kwargs[key]
             for key in ("cache_dir", "force_download", "local_files_only", "token", "revision")
@@ -673,7 +688,13 @@ class MiMoAudioProcessor(ProcessorMixin):
             [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
             `(batch, seq_len, group_size, audio_channels)` and `attention_mask` `(batch, seq_len)` (int64 tensors).
         """
-        self._check_no_extra_kwargs(kwargs)
+        # Transformers' pipelines pass these; `processor_kwargs` may carry `output_modality` / `thinking`.
+        if kwargs.pop("continue_final_message", False):
+            raise ValueError("MiMoAudioProcessor cannot continue a final assistant message; end with a user turn.")
+        pipeline_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        output_modality = pipeline_kwargs.pop("output_modality", output_modality)
+        thinking = pipeline_kwargs.pop("thinking", thinking)
+        self._check_no_extra_kwargs({**kwargs, **pipeline_kwargs})
         if output_modality not in ("text", "audio"):
             raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
         if not isinstance(conversation, (list, tuple)) or not conversation:
@@ -712,7 +733,71 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(f"`language` must be 'zh', 'en' or None, got {language!r}.")
         return V25_LANGUAGE_TAGS[language]
 
-    __call__ = apply_chat_template
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        audio=None,
+        **kwargs: Unpack[MiMoAudioProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        Model inputs from text with audio placeholders, as Transformers' audio-LM processors do. Chat prompts are
+        easier to build with [`~MiMoAudioProcessor.apply_chat_template`] and the task helpers (`asr`, `tts`, ...).
+
+        Each `audio_token` (`<|empty|>`) in the text stands for one clip of `audio`, in order: it is expanded to
+        `<|sosp|>`, one position per patch of the clip (`<|empty|>` in the text channel, the codes in
+        `audio_input_ids`), `<|eosp|>`. The text around it is tokenized as is (no special tokens are added).
+
+        Args:
+            text (`str` or `list[str]`): one prompt or a batch.
+            audio (*optional*): the clips of all placeholders, in order (a list, or one clip for one placeholder).
+                A clip is a waveform `(samples,)` or `(channels, samples)` at 24 kHz, a `(waveform, sampling_rate)`
+                tuple, a file path, or an audio content item dict such as `{"type": "audio", "audio_codes": codes}`.
+            kwargs: text kwargs `padding` (`True` / `"longest"`, the default, or `"max_length"` with `max_length`),
+                always on the left, where generation needs it; `return_tensors` (`"pt"`, the only one supported).
+
+        Returns:
+            [`BatchFeature`] with `input_ids` `(batch, seq_len)`, `audio_input_ids`
+            `(batch, seq_len, group_size, audio_channels)` and `attention_mask` `(batch, seq_len)`.
+        """
+        if text is None:
+            raise ValueError("`text` is required: a prompt with one `audio_token` per clip of `audio`.")
+        output_kwargs = self._merge_kwargs(
+            MiMoAudioProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = output_kwargs["text_kwargs"]
+        if text_kwargs.get("return_tensors", "pt") not in (None, "pt"):
+            raise ValueError(
+                f"MiMoAudioProcessor returns torch tensors only (`return_tensors='pt'`), got "
+                f"{text_kwargs['return_tensors']!r}."
+            )
+        if text_kwargs.get("padding_side", "left") != "left":
+            raise ValueError("MiMoAudioProcessor pads on the left (generation needs it).")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(item, str) for item in texts):
+            raise ValueError("`text` must be a string or a non-empty list of strings.")
+        clips = [] if audio is None else (list(audio) if _is_batch(audio) else [audio])
+        placeholders = sum(item.count(self.audio_token) for item in texts)
+        if placeholders != len(clips):
+            raise ValueError(
+                f"`text` has {placeholders} audio placeholder(s) (`{self.audio_token}`) but `audio` has {len(clips)} "
+                "clip(s): give one clip per placeholder."
+            )
+        items = iter([_as_audio_item(clip, "audio") for clip in clips])
+        batch = []
+        for item in texts:
+            parts = item.split(self.audio_token)
+            pieces = [_Text(parts[0])]
+            for part in parts[1:]:
+                pieces += [_Speech(next(items)), _Text(part)]
+            batch.append([piece for piece in pieces if not isinstance(piece, _Text) or piece.text])
+        max_length = text_kwargs.get("max_length") if text_kwargs.get("padding") == "max_length" else None
+        return self._build_inputs(batch, max_length=max_length)
+
+    @property
+    def audio_token(self) -> str:
+        """The placeholder of one audio clip in the text given to `__call__`."""
+        return SPECIAL_TOKENS["empty_token"]
 
     @staticmethod
     def _check_no_extra_kwargs(kwargs: dict):
@@ -907,6 +992,15 @@ class MiMoAudioProcessor(ProcessorMixin):
         codes = torch.as_tensor(codes)
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"Audio {index}: `audio_codes` must hold integers, got {codes.dtype}.")
+        max_quantizers = (
+            self.audio_tokenizer.config.num_quantizers if self.audio_tokenizer is not None else MAX_CODEC_QUANTIZERS
+        )
+        if codes.ndim == 2 and codes.shape[0] > max_quantizers and self.audio_channels <= codes.shape[1]:
+            raise ValueError(
+                f"Audio {index}: `audio_codes` has shape {tuple(codes.shape)}, which looks like (frames, "
+                f"num_quantizers): the codec has at most {max_quantizers} quantizers. Pass (num_quantizers, frames), "
+                "e.g. `audio_codes.T`."
+            )
         if codes.ndim != 2 or codes.shape[0] < self.audio_channels or codes.shape[1] == 0:
             raise ValueError(
                 f"Audio {index}: `audio_codes` must have shape (num_quantizers >= {self.audio_channels}, frames >= 1), "
@@ -929,6 +1023,12 @@ class MiMoAudioProcessor(ProcessorMixin):
             waveform = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
             if not waveform.is_floating_point():
                 raise ValueError(f"Audio {index}: the waveform must be float in [-1, 1], got {waveform.dtype}.")
+            if waveform.ndim == 2 and waveform.shape[0] > waveform.shape[1]:
+                raise ValueError(
+                    f"Audio {index}: the waveform has shape {tuple(waveform.shape)}, which looks like (samples, "
+                    "channels); pass stereo or multichannel audio as (channels, samples), e.g. `waveform.T` (it is "
+                    "downmixed to mono), or a mono waveform (samples,)."
+                )
             if waveform.ndim == 2:
                 waveform = waveform.float().mean(dim=0)  # (channels, samples) -> mono
             elif waveform.ndim != 1:
@@ -1029,13 +1129,21 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ----------------------------------------------------------------------------------------------- layout -> ids
 
-    def _build_inputs(self, batch: list[list]) -> BatchFeature:
-        """Turn the pieces of each sample into positions, encode all audio at once, pad on the left."""
+    def _build_inputs(self, batch: list[list], max_length: int | None = None) -> BatchFeature:
+        """Turn the pieces of each sample into positions, encode all audio at once, pad on the left (to the longest
+        sample, or to `max_length`)."""
         audio_items = [piece.audio for pieces in batch for piece in pieces if not isinstance(piece, _Text)]
         patches = iter(self._audio_items_to_patches(audio_items))
         rows = [self._pieces_to_row(pieces, patches) for pieces in batch]
 
         length = max(row[0].shape[0] for row in rows)
+        if max_length is not None:
+            if length > max_length:
+                raise ValueError(
+                    f"A prompt has {length} positions, more than `max_length` ({max_length}); prompts are not "
+                    "truncated (that would cut audio patches)."
+                )
+            length = max_length
         empty_patch = torch.tensor(self.audio_empty_ids).expand(self.group_size, -1)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         audio_input_ids = empty_patch.repeat(len(rows), length, 1, 1)
@@ -1063,7 +1171,50 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     # ---------------------------------------------------------------------------------------------- outputs -> text
 
-    def batch_decode(
+    def batch_decode(self, token_ids, *args, **kwargs) -> list[str]:
+        """
+        The text of token ids `(batch, length)`, as every processor's `batch_decode` (the tokenizer's). For the text
+        and the speech of a `generate` output, use [`~MiMoAudioProcessor.batch_decode_generation`].
+        """
+        if hasattr(token_ids, "sequences") or {"audio_sequences", "prompt_length", "decode_audio"} & set(kwargs):
+            raise TypeError(
+                "`batch_decode` decodes token ids to text, as every processor's does; the text and speech of a "
+                "generate output come from `batch_decode_generation(output, prompt_length=...)`."
+            )
+        return self.tokenizer.batch_decode(token_ids, *args, **kwargs)
+
+    def decode(self, token_ids, *args, **kwargs) -> str:
+        """The text of one sequence of token ids (the tokenizer's `decode`); see `decode_generation` for a
+        `generate` output with speech."""
+        if hasattr(token_ids, "sequences") or {"audio_sequences", "prompt_length", "decode_audio"} & set(kwargs):
+            raise TypeError(
+                "`decode` decodes token ids to text, as every processor's does; the text and speech of a generate "
+                "output come from `decode_generation(output, prompt_length=...)`."
+            )
+        return self.tokenizer.decode(token_ids, *args, **kwargs)
+
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens: bool = True, generation_mode: str | None = None, **kwargs
+    ):
+        """
+        What Transformers' `any-to-any` pipeline returns for a `generate` output (or a tensor of token ids): the text
+        of each sequence (`generation_mode` `None` / `"text"`, decoded by the tokenizer), or the generated speech of
+        each sample (`"audio"`, a float32 numpy waveform at `sampling_rate`, `None` where it did not speak; needs the
+        dict output of `generate` and a prompt built with `output_modality="audio"`).
+        """
+        if generation_mode == "audio":
+            if not hasattr(generated_outputs, "audio_sequences"):
+                raise ValueError(
+                    "generation_mode='audio' needs `generate`'s dict output (`return_dict_in_generate=True`)."
+                )
+            decoded = self.batch_decode_generation(generated_outputs)
+            return [None if audio is None else audio.numpy() for audio in decoded.audio]
+        if generation_mode not in (None, "text"):
+            raise ValueError(f"MiMo-Audio generates text or audio, not generation_mode={generation_mode!r}.")
+        sequences = getattr(generated_outputs, "sequences", generated_outputs)
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode_generation(
         self,
         sequences,
         audio_sequences: torch.Tensor | None = None,
@@ -1120,8 +1271,9 @@ class MiMoAudioProcessor(ProcessorMixin):
             audios[index] = waveform
         return MiMoAudioDecodedOutput(text=texts, audio=audios, sampling_rate=self.sampling_rate)
 
-    def decode(self, sequences, audio_sequences=None, prompt_length: int = 0, **kwargs):
-        """`batch_decode` for one sample (`(length,)` or `(1, length)`); returns `(text, waveform or None)`."""
+    def decode_generation(self, sequences, audio_sequences=None, prompt_length: int = 0, **kwargs):
+        """`batch_decode_generation` for one sample (`(length,)` or `(1, length)`); returns `(text, waveform or
+        None)`."""
         if hasattr(sequences, "sequences"):
             audio_sequences = getattr(sequences, "audio_sequences", None)
             sequences = sequences.sequences
@@ -1130,8 +1282,11 @@ class MiMoAudioProcessor(ProcessorMixin):
             sequences = sequences[None]
             audio_sequences = None if audio_sequences is None else audio_sequences[None]
         if sequences.shape[0] != 1:
-            raise ValueError(f"`decode` takes one sample, got a batch of {sequences.shape[0]}; use `batch_decode`.")
-        output = self.batch_decode(sequences, audio_sequences, prompt_length=prompt_length, **kwargs)
+            raise ValueError(
+                f"`decode_generation` takes one sample, got a batch of {sequences.shape[0]}; use "
+                "`batch_decode_generation`."
+            )
+        output = self.batch_decode_generation(sequences, audio_sequences, prompt_length=prompt_length, **kwargs)
         return output.text[0], output.audio[0]
 
     def _text_end(self, text_ids: torch.Tensor) -> int:
