@@ -386,7 +386,7 @@ def cmd_asr(args) -> int:
     elif args.output_format == "srt" and len(files) > 1:
         raise InputError("--output-format srt with several files needs --output-dir (one .srt per file).")
     if args.language is not None:
-        variant = MiMoAudioConfig.from_pretrained(_check_checkpoint(args.model, "--model")).model_variant
+        variant = MiMoAudioConfig.from_pretrained(_check_checkpoint(args.model, "--model", kind="lm")).model_variant
         if variant != "mimo-v2.5-asr":
             raise InputError(
                 f"--language needs a MiMo-V2.5-ASR checkpoint; {args.model!r} is {variant!r}, which was not trained "
