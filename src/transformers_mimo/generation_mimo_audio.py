@@ -211,6 +211,16 @@ def _raise_if_sampling_failed(failed: torch.Tensor | bool, channel: str):
         )
 
 
+def _guard_stance(seen: bool):
+    """
+    Guard evaluation of a compiled step function: full on its first call in a `generate` call (which picks, or
+    compiles, the variant for these inputs); afterwards only the guards that tell its compiled variants apart, since
+    every later step of the call passes the same objects with the same shapes, dtypes and devices. (Full guards cost
+    about 1 ms per call on CPU, as much as several of the patch decoder's layers.)
+    """
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=seen)
+
+
 class MiMoAudioGenerationMixin(GenerationMixin):
     """Generation for `MiMoAudioForConditionalGeneration`: one LLM position per step, plus a `group_size` x
     `audio_channels` audio patch from the patch decoder whenever the text head chooses `<|empty|>`."""
@@ -649,20 +659,22 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             else:
                 position_ids = torch.full((batch_size, 1), length - 1, dtype=torch.long, device=device)
         patch_decoding = self._prepare_patch_decoding(batch_size, outputs.last_hidden_state.device)
-        prefill_consumed = False
+        prefill_consumed = decode_step_seen = patch_seen = False
         while self._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
             if prefill_consumed:
                 if static_decoding:
                     position_ids = position_ids + 1
-                    outputs = decode_step(
-                        sequences[:, length - 1 : length],
-                        audio_sequences[:, length - 1 : length],
-                        full_mask,
-                        position_ids,
-                        cache,
-                        output_attentions=output_attentions,
-                        output_hidden_states=output_hidden_states,
-                    )
+                    with _guard_stance(decode_step_seen):
+                        outputs = decode_step(
+                            sequences[:, length - 1 : length],
+                            audio_sequences[:, length - 1 : length],
+                            full_mask,
+                            position_ids,
+                            cache,
+                            output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states,
+                        )
+                    decode_step_seen = True
                 else:
                     model_kwargs["audio_input_ids"] = audio_sequences[:, :length]
                     model_inputs = self.prepare_inputs_for_generation(
@@ -696,9 +708,10 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             is_audio = next_tokens == config.empty_token_id
             step_audio_logits = step_audio_scores = None
             if is_audio.any():
-                with torch.inference_mode():
+                with torch.inference_mode(), _guard_stance(patch_seen):
                     patch, failed, step_audio_logits, step_audio_scores = generate_audio_patch(
-                        outputs.last_hidden_state[:, -1].contiguous(),  # the same strides after prefill and decode
+                        # the same strides after prefill and decode steps (one compiled variant)
+                        outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format),
                         patch_decoding,
                         audio_do_sample,
                         original_audio_order,
@@ -706,6 +719,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                         keep_audio_scores,
                         is_audio,
                     )
+                patch_seen = True
                 if original_audio_order and failed.any():
                     _raise_if_sampling_failed(True, f"codebook {int(failed.int().argmax())}")
                 next_patch = torch.where(is_audio[:, None, None], patch.to(device), empty_patch)
