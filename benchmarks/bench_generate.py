@@ -100,6 +100,18 @@ def random_prompt(model, batch_size: int, length: int) -> tuple[torch.Tensor, to
     return input_ids.to(model.device), audio.to(model.device)
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -304,7 +316,7 @@ def main(argv=None):
     if args.batch_sizes is None:
         args.batch_sizes = [1, 8, 32] if device.type == "cuda" else [1, 4, 8]
     print(
-        f"torch {torch.__version__}, {platform.machine()} ({platform.processor() or 'unknown CPU'}), "
+        f"torch {torch.__version__}, {platform.machine()} ({cpu_name()}), "
         f"{torch.get_num_threads()} threads, device {device}"
     )
     if args.part in ("all", "throughput"):

@@ -19,16 +19,21 @@ Prints a Markdown table (patches/s and the ratio to the original) and writes `--
 """
 
 import argparse
+import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+
+_spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("bench_generate.py"))
+bench_generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_generate)
 
 ORIGINAL_B1 = "(b) b1 gen 32 patches, after prefill [patches/s]"
 ORIGINAL_B8 = "(d) b8 = 8 x b1 sequential, after prefill [patches/s]"
@@ -157,7 +162,7 @@ def main(argv=None):
         }
 
     print(
-        f"\nHost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"\nHost: {bench_generate.cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32; original {original_b1:.2f} / {original_b8:.2f} patches/s\n"
     )
     print("| | batch 1 (patches/s) | batch 8 (patches/s) | first call b1 / b8 (s) |")
