@@ -117,8 +117,20 @@ def run_worker(op: str, seconds: float, attn: str, threads: int, max_memory_gb: 
 
 def measure(op, seconds, attn, args) -> dict:
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", op, "--seconds", str(seconds), "--attn", attn,
-        "--threads", str(args.threads), "--max_memory_gb", str(args.max_memory_gb), "--repeats", str(args.repeats),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        op,
+        "--seconds",
+        str(seconds),
+        "--attn",
+        attn,
+        "--threads",
+        str(args.threads),
+        "--max_memory_gb",
+        str(args.max_memory_gb),
+        "--repeats",
+        str(args.repeats),
     ]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -179,9 +191,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker:
-        result = run_worker(
-            args.worker, args.seconds[0], args.attn[0], args.threads, args.max_memory_gb, args.repeats
-        )
+        result = run_worker(args.worker, args.seconds[0], args.attn[0], args.threads, args.max_memory_gb, args.repeats)
         print(json.dumps(result))
         return
 

@@ -41,6 +41,7 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [
     {"audio": str(REPO / "tests/fixtures/audio/weather_today_zh.mp3"), "text": "今天天气如何？", "language": "zh"}
@@ -154,7 +155,9 @@ def main(argv=None) -> list[float]:
     torch.manual_seed(args.seed)
     model = load_model(args)
     # Text tokenizer and audio layout from the model directory, the codec (on the training device) from its own.
-    processor = MiMoAudioProcessor.from_pretrained(args.model, audio_tokenizer=args.audio_tokenizer, device=args.device)
+    processor = MiMoAudioProcessor.from_pretrained(
+        args.model, audio_tokenizer=args.audio_tokenizer, device=args.device
+    )
     records = DEFAULT_DATA
     if args.data:
         records = [

@@ -38,6 +38,7 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [{"audio": str(REPO / "tests/fixtures/audio/weather_today_zh.mp3"), "text": "今天天气如何？"}]
 ASR_INSTRUCTION = "Please convert the recording to written format"

@@ -43,6 +43,7 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
+
 DEFAULT_TEXTS = ["Today is a nice day.", "今天天气如何？"]
 TTS_INSTRUCTION = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
 _CJK = re.compile(r"[\u3400-\u9fff]")

@@ -263,7 +263,10 @@ def test_understand_and_chat_match_the_library_pipeline(tmp_path, pipeline, caps
         == 0
     )
     inputs = processor.audio_understanding(audio, "What is said?", thinking=True)
-    assert capsys.readouterr().out == _generate(model, processor, inputs, "audio_understanding", max_new_tokens=8)[0] + "\n"
+    assert (
+        capsys.readouterr().out
+        == _generate(model, processor, inputs, "audio_understanding", max_new_tokens=8)[0] + "\n"
+    )
 
     reply = tmp_path / "reply.wav"
     argv = [
@@ -385,7 +388,10 @@ def test_convert_forwards_to_the_conversion_scripts(tmp_path, pipeline, capsys):
         (["asr", "x.wav", "--device", "banana", *MODEL_ARGS[:4]], "--device 'banana' is not a device"),
         (["asr", "x.wav", "--seed", "-1", *MODEL_ARGS], "--seed must be in [0, 2**32), got -1"),
         (["demo", "--seed", str(2**32)], "--seed must be in [0, 2**32)"),
-        (["convert", "lm", "--input_dir", "nowhere", "--output_dir", "out"], "--input_dir 'nowhere' is not a directory"),
+        (
+            ["convert", "lm", "--input_dir", "nowhere", "--output_dir", "out"],
+            "--input_dir 'nowhere' is not a directory",
+        ),
     ],
 )
 def test_usage_and_input_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -409,9 +415,7 @@ def test_no_speech_generated_exits_1(tmp_path, pipeline, capsys):
     """TTS that stops before any audio patch: exit 1 with a clear message and no file. With seed 16 and one position
     the sampled first token of lm_a is text, not `<|empty|>` (checked first)."""
     model, processor = pipeline
-    _, audio, patches = _generate(
-        model, processor, processor.tts("Hello there"), "tts", max_new_tokens=1, seed=16
-    )
+    _, audio, patches = _generate(model, processor, processor.tts("Hello there"), "tts", max_new_tokens=1, seed=16)
     assert audio is None and patches == 0
     output = tmp_path / "none.wav"
     assert (

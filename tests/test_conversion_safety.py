@@ -11,13 +11,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
 from transformers_mimo.convert_mimo_audio_to_hf import convert
 from transformers_mimo.convert_mimo_audio_to_hf import main as convert_lm
 from transformers_mimo.convert_mimo_audio_tokenizer_to_hf import main as convert_codec
-
-from conftest import GOLDEN
 
 
 def snapshot(*directories):

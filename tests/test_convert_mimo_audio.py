@@ -6,17 +6,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, GenerationConfig, Qwen2Tokenizer
 from transformers.testing_utils import CaptureLogger
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
-from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
 from transformers_mimo import convert_mimo_audio_to_hf as conversion
+from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
 from transformers_mimo.convert_mimo_audio_to_hf import convert, convert_state_dict_keys, main, verify_conversion
-
-from conftest import GOLDEN
 
 
 # The released model's config.json fields (research notes §1.2), in the original flat format.
@@ -337,7 +336,9 @@ def test_rotary_buffers_are_dropped_only_when_recomputable(tmp_path):
             assert "local_transformer.rotary_emb.inv_freq" in captured.out
             assert verify_conversion(source, tmp_path / f"{name}-hf") == 0.0
         else:
-            with pytest.raises(ValueError, match="local_transformer.rotary_emb.inv_freq .* is not the rotary inv_freq"):
+            with pytest.raises(
+                ValueError, match="local_transformer.rotary_emb.inv_freq .* is not the rotary inv_freq"
+            ):
                 convert(directory, tmp_path / f"{name}-hf")
 
 

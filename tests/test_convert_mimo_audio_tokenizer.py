@@ -55,7 +55,10 @@ def converted(request, tmp_path_factory):
 def test_converted_directory_layout_and_config(converted):
     case, output_dir = converted
     assert sorted(path.name for path in output_dir.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
     ]
     original_config = json.loads((GOLDEN / case / "checkpoint" / "config.json").read_text())
     config = json.loads((output_dir / "config.json").read_text())
@@ -139,7 +142,11 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     (output_dir / "model-00001-of-00002.safetensors").write_text("stale shard")
     main(["--input_dir", str(source), "--output_dir", str(output_dir), "--force"])
     assert sorted(path.name for path in output_dir.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+        "preprocessor_config.json",
     ]
     printed = capsys.readouterr().out
     assert "original tensors:  170" in printed and "unused (not written): 31" in printed
@@ -213,9 +220,18 @@ def test_sharded_original_checkpoint(tmp_path):
 def test_script_with_verify(tmp_path):
     output_dir = tmp_path / "hf"
     result = subprocess.run(
-        [sys.executable, str(REPO / "conversion" / "convert_mimo_audio_tokenizer_to_hf.py"),
-         "--input_dir", str(GOLDEN / "tok_a" / "checkpoint"), "--output_dir", str(output_dir), "--verify"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "conversion" / "convert_mimo_audio_tokenizer_to_hf.py"),
+            "--input_dir",
+            str(GOLDEN / "tok_a" / "checkpoint"),
+            "--output_dir",
+            str(output_dir),
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "verification: codes_identical=True, codes_shape=(1, 12, 51), waveform_max_abs_diff=0.0" in result.stdout

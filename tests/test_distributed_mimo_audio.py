@@ -14,6 +14,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "distributed" / "sft_lora.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -210,15 +210,28 @@ def test_non_default_parameters_match_transformers_audio_utils():
     """Config-driven STFT/mel settings against transformers' numpy implementation (≤1e-4 on log-mel)."""
     sampling_rate, n_fft, win_length, hop_length, n_mels, fmin, fmax = 16000, 1024, 800, 200, 40, 30.0, 7000.0
     extractor = MiMoAudioFeatureExtractor(
-        n_mels=n_mels, sampling_rate=sampling_rate, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
-        fmin=fmin, fmax=fmax,
+        n_mels=n_mels,
+        sampling_rate=sampling_rate,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        fmin=fmin,
+        fmax=fmax,
     )
     waveform = np.random.default_rng(0).standard_normal(16123).astype(np.float32) * 0.1
     ours = extractor(waveform, sampling_rate=sampling_rate, return_tensors="np")["input_features"][0]
     filters = mel_filter_bank(n_fft // 2 + 1, n_mels, fmin, fmax, sampling_rate, norm=None, mel_scale="htk")
     reference = spectrogram(
-        waveform, window_function(win_length, "hann"), frame_length=win_length, hop_length=hop_length,
-        fft_length=n_fft, power=1.0, center=True, pad_mode="reflect", mel_filters=filters, mel_floor=1e-7,
+        waveform,
+        window_function(win_length, "hann"),
+        frame_length=win_length,
+        hop_length=hop_length,
+        fft_length=n_fft,
+        power=1.0,
+        center=True,
+        pad_mode="reflect",
+        mel_filters=filters,
+        mel_floor=1e-7,
         log_mel="log",
     )
     assert ours.shape == reference.shape == (n_mels, 16123 // hop_length + 1)
@@ -232,8 +245,16 @@ def test_save_and_load_round_trip(tmp_path):
     extractor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["feature_extractor_type"] == "MiMoAudioFeatureExtractor"
-    expected = {"n_mels": 24, "feature_size": 24, "sampling_rate": 16000, "n_fft": 512, "hop_length": 160,
-                "win_length": 400, "fmin": 20.0, "fmax": 7600.0}
+    expected = {
+        "n_mels": 24,
+        "feature_size": 24,
+        "sampling_rate": 16000,
+        "n_fft": 512,
+        "hop_length": 160,
+        "win_length": 400,
+        "fmin": 20.0,
+        "fmax": 7600.0,
+    }
     assert {key: saved[key] for key in expected} == expected
     for loader in (MiMoAudioFeatureExtractor, AutoFeatureExtractor):
         loaded = loader.from_pretrained(tmp_path)

@@ -609,7 +609,9 @@ def test_original_sampling_order_bans_after_filtering(models, golden, original_o
     for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
         checks = [("text", scores[0], logits[0] + bias, 0.9, [stop])]
         if out.sequences[0, input_ids.shape[1] + step] == config.empty_token_id:
-            for channel, (audio_scores, audio_logits) in enumerate(zip(out.audio_scores[step], out.audio_logits[step])):
+            for channel, (audio_scores, audio_logits) in enumerate(
+                zip(out.audio_scores[step], out.audio_logits[step])
+            ):
                 checks.append(("audio", audio_scores[0], audio_logits[0], 0.7, [config.audio_empty_ids[channel]]))
         for kind, got, raw, top_p, banned in checks:
             expected, near = _warped_reference(raw, 1.0, top_p, banned, ban_after=original_order)
@@ -633,7 +635,14 @@ def test_original_sampling_order_with_only_banned_tokens_left_is_a_clear_error(m
         def __call__(self, input_ids, scores):
             return scores + bias
 
-    kwargs = dict(max_new_tokens=2, min_new_tokens=2, eos_token_id=[7], pad_token_id=0, do_sample=True, top_p=0.5)
+    kwargs = {
+        "max_new_tokens": 2,
+        "min_new_tokens": 2,
+        "eos_token_id": [7],
+        "pad_token_id": 0,
+        "do_sample": True,
+        "top_p": 0.5,
+    }
     kwargs["logits_processor"] = LogitsProcessorList([AddBias(bias)])
     with pytest.raises(ValueError, match="kept only banned tokens for the text channel"):
         model.generate(input_ids, audio_input_ids, original_sampling_order=True, **kwargs)
@@ -664,7 +673,13 @@ def test_original_sampling_order_in_a_batch_checks_only_the_rows_it_uses(models,
         return logits
 
     monkeypatch.setattr(model, "get_audio_logits", prefer_empty)
-    kwargs = dict(max_new_tokens=1, do_sample=True, audio_top_p=0.5, eos_token_id=None, original_sampling_order=True)
+    kwargs = {
+        "max_new_tokens": 1,
+        "do_sample": True,
+        "audio_top_p": 0.5,
+        "eos_token_id": None,
+        "original_sampling_order": True,
+    }
     kwargs["logits_processor"] = LogitsProcessorList([TextThenAudio()])
     if biased_row == 1:
         with pytest.raises(ValueError, match="kept only banned tokens for codebook 0"):

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import GOLDEN
 from transformers import AutoTokenizer
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -13,8 +14,6 @@ from transformers_mimo import MiMoAudioForConditionalGeneration, MiMoAudioProces
 from transformers_mimo.convert_mimo_audio_to_hf import convert
 from transformers_mimo.feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput
-
-from conftest import GOLDEN
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,9 @@ def test_attention_mask_of_another_shape(model):
     input_ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"`attention_mask` must have shape .* = \(1, 3\), got \(1, 5\)"):
         model(input_ids=input_ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"`attention_mask` must have the shape of `input_ids` \(1, 3\), got \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"`attention_mask` must have the shape of `input_ids` \(1, 3\), got \(2, 3\)"
+    ):
         model.generate(input_ids, attention_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
 
 
@@ -158,7 +159,9 @@ def test_batch_decode_returns_strings_like_every_processor(processor):
 def test_call_pads_on_the_left_to_max_length(processor):
     inputs = processor(text=["lower newer", "lower"], padding="max_length", max_length=9)
     assert inputs["input_ids"].shape == (2, 9)
-    assert inputs["attention_mask"].sum(-1).tolist() == [len(processor.tokenizer(t)["input_ids"]) for t in ("lower newer", "lower")]
+    assert inputs["attention_mask"].sum(-1).tolist() == [
+        len(processor.tokenizer(t)["input_ids"]) for t in ("lower newer", "lower")
+    ]
     assert inputs["attention_mask"][:, -1].tolist() == [1, 1]  # left padding
     with pytest.raises(ValueError, match="more than `max_length` \\(2\\)"):
         processor(text="lower newer longer", padding="max_length", max_length=2)

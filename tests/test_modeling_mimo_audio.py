@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -25,8 +26,6 @@ from transformers import (
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration, MiMoAudioModel
 from transformers_mimo.configuration_mimo_audio import MiMoAudioPatchDecoderConfig, MiMoAudioPatchEncoderConfig
-
-from conftest import GOLDEN
 
 
 CASES = ("lm_a", "lm_b")
@@ -529,16 +528,16 @@ def test_loss_matches_reference_loop(case):
 
 def tiny_config(**overrides):
     """A random-weight layout unlike the goldens: 3 codebooks, 3 frames per patch, unordered delays."""
-    settings = dict(
-        text_config={"vocab_size": 416, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    settings = {
+        "text_config": {"vocab_size": 416, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8},
-        patch_encoder_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1,
+        "patch_encoder_config": {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1,
                               "num_attention_heads": 2, "num_key_value_heads": 2},
-        patch_decoder_config={"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
+        "patch_decoder_config": {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
                               "num_attention_heads": 3, "num_key_value_heads": 3},
-        group_size=3, audio_channels=3, audio_vocab_sizes=[20, 11, 7], audio_empty_ids=[19, 0, 6],
-        delay_pattern=[2, 0, 3], empty_token_id=405, text_loss_weight=10.0, audio_loss_weights=[3.0, 2.0, 0.5],
-    )  # fmt: skip
+        "group_size": 3, "audio_channels": 3, "audio_vocab_sizes": [20, 11, 7], "audio_empty_ids": [19, 0, 6],
+        "delay_pattern": [2, 0, 3], "empty_token_id": 405, "text_loss_weight": 10.0, "audio_loss_weights": [3.0, 2.0, 0.5],
+    }  # fmt: skip
     settings.update(overrides)
     return MiMoAudioConfig(**settings)
 

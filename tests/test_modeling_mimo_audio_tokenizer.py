@@ -430,8 +430,17 @@ def dense_reference_attention(module, hidden, lengths, left, right, causal):
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize(
     "window, causal",
-    [((40, 10), False), ((3, 0), False), ((0, 0), False), ((5, -1), False), ((-1, 7), False), ((-1, -1), False),
-     ((6, -1), True), ((-1, -1), True), ((2, 9), True)],
+    [
+        ((40, 10), False),
+        ((3, 0), False),
+        ((0, 0), False),
+        ((5, -1), False),
+        ((-1, 7), False),
+        ((-1, -1), False),
+        ((6, -1), True),
+        ((-1, -1), True),
+        ((2, 9), True),
+    ],
 )
 def test_windowed_attention_matches_dense_reference(implementation, window, causal, monkeypatch):
     """Padded batch of 2, against float64 at 1e-5; query blocks of 32 so that 150 positions span several blocks."""
@@ -524,12 +533,33 @@ def test_other_configuration_runs_and_is_batch_invariant():
     """No average pool, RMSNorm, no skip connection, causal encoder, windows everywhere, odd strides."""
     torch.manual_seed(0)
     config = MiMoAudioTokenizerConfig(
-        d_model=24, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, encoder_skip_layer_id=None,
-        encoder_causal=True, encoder_attn_window_size=[4, -1], decoder_layers=1, decoder_attention_heads=3,
-        decoder_ffn_dim=32, decoder_kernel_size=4, decoder_stride_size=3, decoder_attn_window_size=[3, 3],
-        vocoder_dim=16, vocoder_intermediate_dim=24, vocoder_num_layers=1, vocoder_attention_heads=2,
-        vocoder_attn_window_size=[5, 2], n_mels=10, nfft=64, hop_length=16, avg_pooler=1, stride_size=3,
-        ln_type="RMSNorm", num_quantizers=3, codebook_size=[12, 5], segment_length=40,
+        d_model=24,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        encoder_skip_layer_id=None,
+        encoder_causal=True,
+        encoder_attn_window_size=[4, -1],
+        decoder_layers=1,
+        decoder_attention_heads=3,
+        decoder_ffn_dim=32,
+        decoder_kernel_size=4,
+        decoder_stride_size=3,
+        decoder_attn_window_size=[3, 3],
+        vocoder_dim=16,
+        vocoder_intermediate_dim=24,
+        vocoder_num_layers=1,
+        vocoder_attention_heads=2,
+        vocoder_attn_window_size=[5, 2],
+        n_mels=10,
+        nfft=64,
+        hop_length=16,
+        avg_pooler=1,
+        stride_size=3,
+        ln_type="RMSNorm",
+        num_quantizers=3,
+        codebook_size=[12, 5],
+        segment_length=40,
     )
     tokenizer = MiMoAudioTokenizerModel(config).eval()
     features = torch.randn(2, 10, 101)

@@ -19,6 +19,7 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
+
 CHECKPOINT = GOLDEN / "lm_a" / "checkpoint"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -189,7 +190,7 @@ def test_adapter_save_reload_and_merge(batch, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, adapted.logits)
 
-    generation = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+    generation = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
     prompt = {"input_ids": batch["input_ids"][:, :10], "audio_input_ids": batch["audio_input_ids"][:, :10]}
     before = reloaded.generate(**prompt, **generation)
     merged = reloaded.merge_and_unload()

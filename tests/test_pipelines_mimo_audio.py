@@ -4,11 +4,10 @@ input answered in text, and in speech with `generation_mode="audio"`."""
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN
 from transformers import LogitsProcessor, LogitsProcessorList, pipeline
 
 from transformers_mimo.convert_mimo_audio_to_hf import convert
-
-from conftest import GOLDEN
 
 
 class ForceToken(LogitsProcessor):
@@ -36,7 +35,9 @@ def conversation():
 
 def test_any_to_any_answers_in_text(any_to_any, conversation):
     processor, model = any_to_any.processor, any_to_any.model
-    output = any_to_any(text=conversation, generate_kwargs={"max_new_tokens": 4, "do_sample": False, "audio_do_sample": False})
+    output = any_to_any(
+        text=conversation, generate_kwargs={"max_new_tokens": 4, "do_sample": False, "audio_do_sample": False}
+    )
     answer = output[0]["generated_text"][-1]
     assert answer["role"] == "assistant"
     inputs = processor.apply_chat_template(conversation)

@@ -62,7 +62,9 @@ def proc_a():
 @pytest.fixture(scope="module")
 def model_a():
     """The lm_a golden checkpoint (original on-disk format, loaded directly), fp32, SDPA as in the goldens."""
-    return MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa").eval()
+    return MiMoAudioForConditionalGeneration.from_pretrained(
+        GOLDEN / "lm_a" / "checkpoint", attn_implementation="sdpa"
+    ).eval()
 
 
 def _original_grid(inputs, group_size, index=0):
@@ -124,7 +126,10 @@ def test_golden_asr_through_messages(proc_a):
     """The same ASR layout from Transformers-style messages (audio then text in the user turn)."""
     golden, manifest = _golden("lm_a")
     conversation = [
-        {"role": "user", "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}]}
+        {
+            "role": "user",
+            "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}],
+        }
     ]
     grid = _original_grid(proc_a.apply_chat_template(conversation), 4)
     assert torch.equal(grid, golden["asr.input_ids_grid"])
@@ -226,7 +231,9 @@ def test_tts_layouts_match_the_original_segments(proc_a):
     voice = torch.randint(0, 16, (8, 8))
     plain = proc_a.tts("HELLO THERE")  # one letter case only: capitalized as the original does
     assert plain["input_ids"][0].tolist() == _tokens(
-        tok, "<|im_start|>user\nPlease convert this text to speech: Hello there<|im_end|>\n", "<|im_start|>assistant\n<|sostm|>"
+        tok,
+        "<|im_start|>user\nPlease convert this text to speech: Hello there<|im_end|>\n",
+        "<|im_start|>assistant\n<|sostm|>",
     )
     chinese = proc_a.tts("今天天气真好")
     assert chinese["input_ids"][0].tolist() == _tokens(
@@ -274,7 +281,9 @@ def test_dialogue_layouts_match_the_original_segments(proc_a):
         {"role": "assistant", "content": [{"type": "text", "text": "Hi!"}, {"type": "audio", "audio_codes": answer}]},
         {"role": "user", "content": [{"type": "audio", "audio_codes": q2}]},
     ]
-    spoken = proc_a.spoken_dialogue(conversation, system_prompt="Be brief.", voice={"type": "audio", "audio_codes": voice})
+    spoken = proc_a.spoken_dialogue(
+        conversation, system_prompt="Be brief.", voice={"type": "audio", "audio_codes": voice}
+    )
     hi = _tokens(tok, "Hi!") + [proc_a.eot_token_id]
     assert len(hi) <= 5
     expected = (
@@ -283,7 +292,9 @@ def test_dialogue_layouts_match_the_original_segments(proc_a):
         + _tokens(tok, "<|im_end|>\n", "<|im_start|>user\n", "Be brief.", "\n\n")
         + [S, E, P]
         + _tokens(tok, "<|im_end|>\n", "<|im_start|>assistant\n")
-        + [proc_a.sostm_token_id] + hi + [E, E, proc_a.eostm_token_id]
+        + [proc_a.sostm_token_id]
+        + hi
+        + [E, E, proc_a.eostm_token_id]
         + _tokens(tok, "<|im_end|>\n", "<|im_start|>user\n")
         + [S, E, E, P]
         + _tokens(tok, "<|im_end|>\n", "<|im_start|>assistant\n<|sostm|>")
@@ -293,25 +304,48 @@ def test_dialogue_layouts_match_the_original_segments(proc_a):
     s2t = [conversation[0], {"role": "assistant", "content": "Hi!"}, conversation[2]]
     closed = proc_a.spoken_dialogue(s2t, output_modality="text")
     history = (
-        _tokens(tok, "<|im_start|>user\n") + [S, E, P] + _tokens(tok, "<|im_end|>\n", "<|im_start|>assistant\n", "Hi!", "<|im_end|>\n")
-        + _tokens(tok, "<|im_start|>user\n") + [S, E, E, P] + _tokens(tok, "<|im_end|>\n")
+        _tokens(tok, "<|im_start|>user\n")
+        + [S, E, P]
+        + _tokens(tok, "<|im_end|>\n", "<|im_start|>assistant\n", "Hi!", "<|im_end|>\n")
+        + _tokens(tok, "<|im_start|>user\n")
+        + [S, E, E, P]
+        + _tokens(tok, "<|im_end|>\n")
     )
-    assert closed["input_ids"][0].tolist() == history + _tokens(tok, "<|im_start|>assistant\n", "<think>\n\n</think>\n")
+    assert closed["input_ids"][0].tolist() == history + _tokens(
+        tok, "<|im_start|>assistant\n", "<think>\n\n</think>\n"
+    )
     thinking = proc_a.apply_chat_template(s2t, thinking=True)
     assert thinking["input_ids"][0].tolist() == history + _tokens(tok, "<|im_start|>assistant\n", "<think>\n")
     # audio understanding with thinking
-    understood = proc_a.audio_understanding({"type": "audio", "audio_codes": q1}, "Summarize the audio.", thinking=True)
+    understood = proc_a.audio_understanding(
+        {"type": "audio", "audio_codes": q1}, "Summarize the audio.", thinking=True
+    )
     assert understood["input_ids"][0].tolist() == (
-        _tokens(tok, "<|im_start|>user\n") + [S, E, P]
+        _tokens(tok, "<|im_start|>user\n")
+        + [S, E, P]
         + _tokens(tok, "Summarize the audio.", "<|im_end|>\n", "<|im_start|>assistant\n", "<think>\n")
     )
     # text dialogue, multi-turn
     chat = proc_a.text_dialogue(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+        ]
     )
     assert chat["input_ids"][0].tolist() == _tokens(
-        tok, "<|im_start|>user\n", "Hi", "<|im_end|>\n", "<|im_start|>assistant\n", "Hello", "<|im_end|>\n",
-        "<|im_start|>user\n", "Bye", "<|im_end|>\n", "<|im_start|>assistant\n", "<think>\n\n</think>\n",
+        tok,
+        "<|im_start|>user\n",
+        "Hi",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "Hello",
+        "<|im_end|>\n",
+        "<|im_start|>user\n",
+        "Bye",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "<think>\n\n</think>\n",
     )
 
 
@@ -319,7 +353,10 @@ def test_training_samples_open_the_answer_like_the_generation_prompt(proc_a):
     """An assistant message with `thinking` starts with the same tokens as the generation prompt, so a training
     sample is the inference prompt followed by the answer and `<|im_end|>\n`."""
     golden, manifest = _golden("lm_a")
-    user = {"role": "user", "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}]}
+    user = {
+        "role": "user",
+        "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}],
+    }
     prompt = proc_a.apply_chat_template([user])
     sample = proc_a.apply_chat_template(
         [user, {"role": "assistant", "content": "Hello there", "thinking": ""}], add_generation_prompt=False
@@ -353,7 +390,12 @@ def test_speech_continuation_leaves_the_segment_open(proc_a):
 def test_batch_is_left_padded_and_each_row_equals_the_sample_alone(proc_a):
     golden, manifest = _golden("lm_a")
     text_conv = [{"role": "user", "content": "What is the weather like in Beijing?"}]
-    asr_conv = [{"role": "user", "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}]}]
+    asr_conv = [
+        {
+            "role": "user",
+            "content": [_codes_item(golden, "asr", 8), {"type": "text", "text": manifest["asr_template"]}],
+        }
+    ]
     batch = proc_a.apply_chat_template([text_conv, asr_conv])
     alone = [proc_a.apply_chat_template(text_conv), proc_a.apply_chat_template(asr_conv)]
     assert batch["input_ids"].shape == (2, 50) and batch["audio_input_ids"].shape == (2, 50, 4, 8)
@@ -371,8 +413,13 @@ def test_batch_is_left_padded_and_each_row_equals_the_sample_alone(proc_a):
     assert helper_batch["attention_mask"][0].sum() < helper_batch["attention_mask"][1].sum()
     chats = proc_a.text_dialogue(["Hi", "What is the weather like in Beijing?"])
     assert torch.equal(chats["input_ids"][1], alone[0]["input_ids"][0])
-    assert torch.equal(chats["input_ids"][0, -chats["attention_mask"][0].sum() :], proc_a.text_dialogue("Hi")["input_ids"][0])
-    spoken = [[{"role": "user", "content": [_codes_item(golden, "asr", 8)]}], [{"role": "user", "content": [_codes_item(golden, "icl_in", 8)]}]]
+    assert torch.equal(
+        chats["input_ids"][0, -chats["attention_mask"][0].sum() :], proc_a.text_dialogue("Hi")["input_ids"][0]
+    )
+    spoken = [
+        [{"role": "user", "content": [_codes_item(golden, "asr", 8)]}],
+        [{"role": "user", "content": [_codes_item(golden, "icl_in", 8)]}],
+    ]
     dialogues = proc_a.spoken_dialogue(spoken, system_prompt="Be brief.")
     for row, conv in enumerate(spoken):
         single = proc_a.spoken_dialogue(conv, system_prompt="Be brief.")
@@ -415,9 +462,7 @@ def test_generation_kwargs_per_task(proc_a, model_a):
         "asr": ([eot, im_end], {"do_sample": False}),
         "audio_understanding": ([eot, im_end], {"do_sample": True, "temperature": 0.3, "top_k": 0, "top_p": 0.95}),
         "text_dialogue": ([eot, im_end], {"do_sample": True, "temperature": 0.4, "top_k": 0, "top_p": 0.95}),
-        "speech_to_text_dialogue": (
-            [eot, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.95}
-        ),
+        "speech_to_text_dialogue": ([eot, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.95}),
         "tts": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 1.0}),
         "spoken_dialogue": ([eot, eostm, im_end], {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 0.95}),
         "in_context_learning": ([eot, eostm], {"do_sample": False}),
@@ -509,7 +554,10 @@ def test_from_original_and_converted_checkpoints(proc_a, model_a, tmp_path):
     assert torch.equal(output.sequences, reference.sequences)
     assert torch.equal(output.audio_sequences, reference.audio_sequences)
     length = inputs["input_ids"].shape[1]
-    decoded, expected = processor.batch_decode_generation(output, prompt_length=length), proc_a.batch_decode_generation(reference, prompt_length=length)
+    decoded, expected = (
+        processor.batch_decode_generation(output, prompt_length=length),
+        proc_a.batch_decode_generation(reference, prompt_length=length),
+    )
     assert decoded.text == expected.text
     assert (decoded.audio[0] is None and expected.audio[0] is None) or torch.equal(decoded.audio[0], expected.audio[0])
 
@@ -524,7 +572,9 @@ def _generate_like_output(processor, prompt_length=3):
     E = processor.empty_token_id
     empty = torch.tensor(processor.audio_empty_ids)
     hello, world = _tokens(tok, "Hello"), _tokens(tok, " world")
-    speech0 = hello + [E, E] + world + [processor.eot_token_id, E, E, E, processor.eostm_token_id, processor.im_end_token_id]
+    speech0 = (
+        hello + [E, E] + world + [processor.eot_token_id, E, E, E, processor.eostm_token_id, processor.im_end_token_id]
+    )
     text1 = _tokens(tok, "Fine, thanks") + [tok.eos_token_id]
     length = prompt_length + max(len(speech0), len(text1)) + 2
     sequences = torch.full((2, length), tok.pad_token_id)
@@ -582,7 +632,9 @@ def test_stream_audio_matches_the_codec_streaming_decode(proc_a):
     # The same feeding by hand: patches arrive one per step; 8 frames = 2 patches per decode, then flush at <|eostm|>.
     cache, expected = None, []
     for start, last in ((0, False), (8, False), (16, True)):
-        out = codec.streaming_decode(codes[None, :, start : start + 8], cache=cache, is_last_chunk=last, left_overlap=6, right_overlap=2)
+        out = codec.streaming_decode(
+            codes[None, :, start : start + 8], cache=cache, is_last_chunk=last, left_overlap=6, right_overlap=2
+        )
         cache = out.cache
         expected.append(out.audio_values[0, 0, : out.audio_values_lengths[0]])
     assert streamed.shape == (20 * 960,)
@@ -604,7 +656,9 @@ def test_batch_decode_matches_the_original_forward_outputs(case):
         prompt_length = golden[f"{prompt}.input_ids_grid"].shape[1] // group
         output = processor.batch_decode_generation(sequences[:, :-1], audio[:, :-1], prompt_length=prompt_length)
         reference = manifest["info"]["fp32"]["prompts"][prompt]["gen_nostop"]
-        original_text = re.split(r"<\|im_end\|>|<\|endoftext\|>", reference["detokenized_text_returned_by_MimoAudio.forward"])[0]
+        original_text = re.split(
+            r"<\|im_end\|>|<\|endoftext\|>", reference["detokenized_text_returned_by_MimoAudio.forward"]
+        )[0]
         assert output.text == [original_text], prompt
         expected = golden[f"fp32.{prompt}.gen_nostop.e2e_wav"][0, 0]
         assert output.audio[0].shape == expected.shape == (reference["e2e_wav_samples"],)
@@ -626,8 +680,12 @@ def test_end_to_end_processor_generate_decode(proc_a, model_a, prompt):
             "output_audio": _codes_item(golden, "icl_out", 8),
             "output_text": "Hello, how are you today? I am fine.",
         }
-        inputs = proc_a.in_context_learning(_codes_item(golden, "icl_query", 8), [example], "Speak in the same voice as the example.")
-    output = model.eval().generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+        inputs = proc_a.in_context_learning(
+            _codes_item(golden, "icl_query", 8), [example], "Speak in the same voice as the example."
+        )
+    output = model.eval().generate(
+        **inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, return_dict_in_generate=True
+    )
     length = inputs["input_ids"].shape[1]
     key = f"fp32.{prompt}.gen_nostop"
     assert torch.equal(output.sequences[0, length:], golden[f"{key}.step_text_token"])
@@ -649,7 +707,9 @@ def test_end_to_end_batch_with_audio_files(proc_a, model_a):
     written = [{"role": "user", "content": "What is the weather like in Beijing?"}]
     inputs = proc_a.apply_chat_template([spoken, written], output_modality="audio")
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()  # the spoken prompt is shorter
-    output = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    output = model.eval().generate(
+        **inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True
+    )
     length = inputs["input_ids"].shape[1]
     assert output.sequences.shape == (2, length + 6) and output.audio_sequences.shape == (2, length + 6, 4, 8)
     decoded = proc_a.batch_decode_generation(output, prompt_length=length)
@@ -658,7 +718,9 @@ def test_end_to_end_batch_with_audio_files(proc_a, model_a):
         generated = output.sequences[row, length:].tolist()
         end = min([generated.index(stop) for stop in stops if stop in generated], default=len(generated))
         text = proc_a.tokenizer.decode(generated[:end])
-        assert decoded.text[row] == text.replace("<|empty|>", "").replace("<|eot|>", "").replace("<|eostm|>", "").strip()
+        assert (
+            decoded.text[row] == text.replace("<|empty|>", "").replace("<|eot|>", "").replace("<|eostm|>", "").strip()
+        )
         until = generated.index(proc_a.eostm_token_id) if proc_a.eostm_token_id in generated else len(generated)
         speech = generated[:until].count(proc_a.empty_token_id)
         assert (decoded.audio[row] is None) if speech == 0 else (decoded.audio[row].shape == (speech * 4 * 960,))
@@ -706,7 +768,10 @@ def test_other_group_size_and_channel_count():
 
     conversation = [
         {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "audio", "audio_codes": codes[:, :9]}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "ok"}, {"type": "audio", "audio_codes": codes[:, :9]}],
+        },
     ]
     batch = processor.apply_chat_template(conversation, output_modality="audio")
     assert batch["audio_input_ids"].shape[2:] == (3, 3)
@@ -738,17 +803,28 @@ def test_other_group_size_and_channel_count():
         ([{"role": "user", "content": []}], "`content` must be a string or a non-empty list"),
         ([{"role": "user", "content": [{"type": "text"}]}], "a text item must be"),
         ([{"role": "user", "content": [{"type": "audio"}]}], "needs exactly one of"),
-        ([{"role": "user", "content": [{"type": "audio", "path": "a.wav", "audio_codes": [[1]]}]}], "needs exactly one of"),
+        (
+            [{"role": "user", "content": [{"type": "audio", "path": "a.wav", "audio_codes": [[1]]}]}],
+            "needs exactly one of",
+        ),
         ([{"role": "user", "content": "hi", "name": "bob"}], "unknown message keys"),
         ([], "non-empty list"),
         (
-            [{"role": "assistant", "content": [{"type": "audio", "audio_codes": torch.zeros(8, 4, dtype=torch.long)}]}],
+            [
+                {
+                    "role": "assistant",
+                    "content": [{"type": "audio", "audio_codes": torch.zeros(8, 4, dtype=torch.long)}],
+                }
+            ],
             "one non-empty text item",
         ),
         ([{"role": "user", "content": [{"type": "audio", "path": "/nonexistent/clip.wav"}]}], "no audio file"),
         ([{"role": "user", "content": [{"type": "audio", "audio": np.zeros(0, dtype=np.float32)}]}], "empty"),
         ([{"role": "user", "content": [{"type": "audio", "audio_codes": torch.full((8, 4), 64)}]}], "codebook size"),
-        ([{"role": "user", "content": [{"type": "audio", "audio_codes": torch.zeros(4, 4, dtype=torch.long)}]}], "shape"),
+        (
+            [{"role": "user", "content": [{"type": "audio", "audio_codes": torch.zeros(4, 4, dtype=torch.long)}]}],
+            "shape",
+        ),
     ],
 )
 def test_bad_conversations_raise_value_error(proc_a, conversation, message):

@@ -14,23 +14,22 @@ from transformers import BitsAndBytesConfig
 from transformers_mimo import QUANTIZATION_SKIP_MODULES, UNQUANTIZED_MODULES, MiMoAudioForConditionalGeneration
 
 
-
 MODES = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4_double_quant": dict(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="fp4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    ),
-    "int8": dict(load_in_8bit=True),
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
+    "fp4_double_quant": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": torch.float32,
+    },
+    "int8": {"load_in_8bit": True},
 }
 # Text logits vs fp32 on the lm_a model (measured: relative L2 error 0.165 nf4, 0.218 fp4+dq, 0.016 int8; mean KL
 # 0.020, 0.042, 0.0002). Bounds leave ~1.5-2x headroom; the lower bound shows the weights really were quantized.
 TOLERANCE = {
-    "nf4": dict(relative=0.3, kl=0.05),
-    "fp4_double_quant": dict(relative=0.35, kl=0.1),
-    "int8": dict(relative=0.03, kl=1e-3),
+    "nf4": {"relative": 0.3, "kl": 0.05},
+    "fp4_double_quant": {"relative": 0.35, "kl": 0.1},
+    "int8": {"relative": 0.03, "kl": 1e-3},
 }
 QUANTIZED_LINEAR = {"nf4": bnb.nn.Linear4bit, "fp4_double_quant": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 
@@ -240,8 +239,7 @@ def test_4bit_layers_the_packed_cpu_kernel_rejects_keep_working(tmp_path):
     inference (no grad, where bitsandbytes would repack) runs instead of failing inside bitsandbytes."""
     from transformers.testing_utils import CaptureLogger
 
-    from transformers_mimo import MiMoAudioConfig
-    from transformers_mimo import modeling_mimo_audio
+    from transformers_mimo import MiMoAudioConfig, modeling_mimo_audio
 
     config = MiMoAudioConfig.from_pretrained(GOLDEN / "lm_b" / "checkpoint")
     config.text_config.num_key_value_heads = 1  # k_proj / v_proj: 16 outputs

@@ -21,7 +21,9 @@ def _quick_start() -> str:
 
 
 def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
-    checkpoint = convert(GOLDEN / "lm_a" / "checkpoint", tmp_path / "hf", tokenizer_dir=GOLDEN / "tok_a" / "checkpoint")
+    checkpoint = convert(
+        GOLDEN / "lm_a" / "checkpoint", tmp_path / "hf", tokenizer_dir=GOLDEN / "tok_a" / "checkpoint"
+    )
     code = _quick_start()
     substitutions = {
         '"mimo-audio-hf"': repr(str(checkpoint)),

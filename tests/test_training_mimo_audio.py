@@ -20,6 +20,7 @@ from transformers_mimo import (
     compute_logprobs,
 )
 
+
 CHECKPOINT = GOLDEN / "lm_a" / "checkpoint"
 REPO = GOLDEN.parents[2]
 
@@ -316,7 +317,14 @@ def test_sampling_frequencies_match_logprobs(model):
     prompt = torch.tensor([[401, 11, 23, 57, 402, 198, 401, 64]])
     samples = 4000
     batch = prompt.expand(samples, -1)
-    sampling = dict(do_sample=True, temperature=1.0, top_k=None, top_p=1.0, max_new_tokens=1, eos_token_id=None)
+    sampling = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": 1.0,
+        "max_new_tokens": 1,
+        "eos_token_id": None,
+    }
 
     torch.manual_seed(0)
     first = model.generate(batch, **sampling).sequences[:, -1]

@@ -28,7 +28,9 @@ INSTRUCTION = "Transcribe this voice recording"
 
 @pytest.fixture(scope="module")
 def speech():
-    clips = [sf.read(AUDIO / name, dtype="float32")[0] for name in ("prompt_speech_en_w.wav", "prompt_speech_zh_m.wav")]
+    clips = [
+        sf.read(AUDIO / name, dtype="float32")[0] for name in ("prompt_speech_en_w.wav", "prompt_speech_zh_m.wav")
+    ]
     return [torch.from_numpy(clip) for clip in clips]
 
 
@@ -149,7 +151,9 @@ def test_an_hour_in_batches_equals_each_segment_alone(v25, speech):
             instruction=INSTRUCTION,
         )
         output = model.generate(**inputs, **{**processor.generation_kwargs("asr"), **greedy}, max_new_tokens=5)
-        expected = processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False)
+        expected = processor.batch_decode_generation(
+            output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False
+        )
         assert segment.text == expected.text[0]
     assert result.text == join_segment_texts([segment.text for segment in result.segments])
 
@@ -166,7 +170,9 @@ def test_mimo_audio_checkpoint_uses_its_own_prompt(speech):
     result = transcribe(model, processor, [(en, RATE), str(AUDIO / "weather_today_zh.mp3")], max_new_tokens=3)
     inputs = processor.asr(str(AUDIO / "weather_today_zh.mp3"))
     output = model.generate(**inputs, **processor.generation_kwargs("asr"), max_new_tokens=3)
-    assert result[1].text == processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1]).text[0]
+    assert (
+        result[1].text == processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1]).text[0]
+    )
     with pytest.raises(ValueError, match="needs a MiMo-V2.5-ASR checkpoint"):
         transcribe(model, processor, (en, RATE), language="zh")
 
@@ -254,7 +260,9 @@ def test_error_rates_and_normalization(eval_asr):
     assert eval_asr.normalize_chinese("今天 天气，如何？ＡＢ") == "今天天气如何ab"
     assert eval_asr.error_rate(["Hello world, again!"], ["hello word again"], "wer") == pytest.approx(1 / 3)
     assert eval_asr.error_rate(["今天天气如何？"], ["今天天汽如何"], "cer") == pytest.approx(1 / 6)
-    assert eval_asr.pick_metric(["hello", "今天"], "auto") == "cer" and eval_asr.pick_metric(["hello"], "auto") == "wer"
+    assert (
+        eval_asr.pick_metric(["hello", "今天"], "auto") == "cer" and eval_asr.pick_metric(["hello"], "auto") == "wer"
+    )
 
 
 def test_eval_asr_runs_on_a_folder_and_a_dataset(tmp_path, eval_asr, capsys):

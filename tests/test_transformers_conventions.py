@@ -5,6 +5,7 @@ common suites are run against this package."""
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -16,8 +17,6 @@ from transformers_mimo import (
     MiMoAudioTokenizerConfig,
     MiMoAudioTokenizerModel,
 )
-
-from conftest import GOLDEN
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from transformers_mimo import (
     get_lora_target_modules,
 )
 
+
 CHECKPOINT = GOLDEN / "lm_a" / "checkpoint"
 CODEC = GOLDEN / "tok_a" / "checkpoint"
 
@@ -309,7 +310,9 @@ def test_compute_logprobs_text_entropy_and_missing_audio():
     input_ids = torch.tensor([[400, 401, 11, 23, 57, 402], [401, 64, 82, 198, 401, 5]])
     attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        scored = compute_logprobs(model, input_ids, attention_mask=attention_mask, temperature=0.7, return_entropy=True)
+        scored = compute_logprobs(
+            model, input_ids, attention_mask=attention_mask, temperature=0.7, return_entropy=True
+        )
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1] / 0.7
     probabilities = logits.softmax(-1)
     expected = -(probabilities * probabilities.log()).sum(-1)

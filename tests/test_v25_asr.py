@@ -64,7 +64,9 @@ def _waveforms(case) -> dict[str, torch.Tensor]:
     README says (the English clip then the Chinese one, repeated, cut at the manifest's sample count)."""
     golden, manifest = _golden(case)
     waves = {name: golden[f"wav24k.{name}"] for name in ("en_w", "zh_m", "tiny")}
-    clips = [sf.read(AUDIO / name, dtype="float32")[0] for name in ("prompt_speech_en_w.wav", "prompt_speech_zh_m.wav")]
+    clips = [
+        sf.read(AUDIO / name, dtype="float32")[0] for name in ("prompt_speech_en_w.wav", "prompt_speech_zh_m.wav")
+    ]
     base = torch.cat([torch.from_numpy(clip) for clip in clips])
     for name in ("long_merge", "long_split"):
         samples = manifest["audios"][name]["samples"]
@@ -340,7 +342,9 @@ def test_greedy_generation_and_transcripts(case, processor, model):
             assert generated == 12
             truncated = processor.batch_decode_generation(new_tokens[None, :-1], decode_audio=False).text[0]
             assert truncated == reference, name
-            assert decoded.text[index] == processor.batch_decode_generation(new_tokens[None], decode_audio=False).text[0]
+            assert (
+                decoded.text[index] == processor.batch_decode_generation(new_tokens[None], decode_audio=False).text[0]
+            )
 
 
 def test_transcript_cleanup_follows_the_original():
@@ -369,7 +373,9 @@ def test_bf16_runs_and_completes(case):
         **inputs, **processor.generation_kwargs("asr"), max_new_tokens=6, return_dict_in_generate=True
     )
     assert output.sequences.shape[1] <= inputs["input_ids"].shape[1] + 6
-    assert isinstance(processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1]).text[0], str)
+    assert isinstance(
+        processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1]).text[0], str
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- bad input

@@ -51,7 +51,6 @@ from .processing_mimo_audio import (
     MiMoAudioDecodedOutput,
     MiMoAudioProcessor,
 )
-from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe
 from .training_mimo_audio import (
     LORA_TARGET_MODULES,
     QUANTIZATION_SKIP_MODULES,
@@ -61,6 +60,7 @@ from .training_mimo_audio import (
     compute_logprobs,
     get_lora_target_modules,
 )
+from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe
 
 
 __version__ = "0.1.0"

@@ -286,7 +286,9 @@ def run_generation(model, processor, inputs, args, task: str, description: str):
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     with torch.inference_mode():
         output = model.generate(**inputs, generation_config=generation_config, streamer=progress)
-        decoded = processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech)
+        decoded = processor.batch_decode_generation(
+            output, prompt_length=inputs["input_ids"].shape[1], decode_audio=speech
+        )
     return decoded.text[0], decoded.audio[0], progress.speech_patches
 
 
@@ -359,10 +361,10 @@ def _write_new_file(path: Path, content: str):
 
 
 def cmd_asr(args) -> int:
+    import soundfile as sf
+
     from .configuration_mimo_audio import MiMoAudioConfig
     from .transcription_mimo_audio import transcribe
-
-    import soundfile as sf
 
     files = [_check_input_file(path) for path in args.audio]
     for path in files:

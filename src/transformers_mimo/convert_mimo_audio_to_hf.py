@@ -29,8 +29,8 @@ from .configuration_mimo_audio import (
 )
 from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
 from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
-from .processing_mimo_audio import MiMoAudioProcessor
 from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
+from .processing_mimo_audio import MiMoAudioProcessor
 
 
 logger = logging.get_logger(__name__)

@@ -17,8 +17,8 @@ from transformers.utils import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     TransformersKwargs,
-    can_return_tuple,
     cached_file,
+    can_return_tuple,
     logging,
 )
 from transformers.utils.deprecation import deprecate_kwarg

@@ -504,9 +504,7 @@ class MiMoAudioTokenizerResidualVectorQuantizer(nn.Module):
     def __init__(self, config: MiMoAudioTokenizerConfig):
         super().__init__()
         self.codebook_sizes = list(config.codebook_size[: config.num_quantizers])
-        self.layers = nn.ModuleList(
-            [MiMoAudioTokenizerCodebook(size, config.d_model) for size in self.codebook_sizes]
-        )
+        self.layers = nn.ModuleList([MiMoAudioTokenizerCodebook(size, config.d_model) for size in self.codebook_sizes])
 
     def encode(self, hidden_states: torch.Tensor, num_quantizers: int) -> torch.LongTensor:
         """`hidden_states (n, d_model)` -> codes `(num_quantizers, n)`."""
@@ -515,9 +513,7 @@ class MiMoAudioTokenizerResidualVectorQuantizer(nn.Module):
         for layer in self.layers[:num_quantizers]:
             embed = layer.embed.float()
             distances = -(
-                residual.pow(2).sum(1, keepdim=True)
-                - 2 * residual @ embed.t()
-                + embed.t().pow(2).sum(0, keepdim=True)
+                residual.pow(2).sum(1, keepdim=True) - 2 * residual @ embed.t() + embed.t().pow(2).sum(0, keepdim=True)
             )
             indices = distances.max(dim=-1).indices
             residual = residual - F.embedding(indices, embed)
@@ -588,7 +584,7 @@ class MiMoAudioTokenizerISTFTHead(nn.Module):
         window = torch.hann_window(self.n_fft, dtype=torch.float32, device=spectrum.device)
         frames = torch.fft.irfft(spectrum, self.n_fft, dim=1, norm="backward") * window[None, :, None] * frame_mask
         output_size = (num_frames - 1) * self.hop_length + self.n_fft
-        fold = dict(output_size=(1, output_size), kernel_size=(1, self.n_fft), stride=(1, self.hop_length))
+        fold = {"output_size": (1, output_size), "kernel_size": (1, self.n_fft), "stride": (1, self.hop_length)}
         end = output_size - self.padding
         audio = F.fold(frames, **fold)[:, 0, 0, self.padding : end]
         envelope = F.fold(window.square()[None, :, None] * frame_mask, **fold)[:, 0, 0, self.padding : end]

@@ -388,7 +388,9 @@ def _check_conversation(conversation, index: int) -> list[dict]:
                 raise ValueError(f"{where}: a content item must be a dict with a `type`, got {item!r:.80}.")
             if item["type"] == "text":
                 if not isinstance(item.get("text"), str) or set(item) != {"type", "text"}:
-                    raise ValueError(f"{where}: a text item must be {{'type': 'text', 'text': <str>}}, got {item!r:.80}.")
+                    raise ValueError(
+                        f"{where}: a text item must be {{'type': 'text', 'text': <str>}}, got {item!r:.80}."
+                    )
                 items.append(item)
             elif item["type"] == "audio":
                 items.append(_check_audio_item(item, where))
@@ -420,7 +422,11 @@ def _is_batch(value) -> bool:
 
 
 def _is_conversation_batch(conversation) -> bool:
-    return isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
+    return (
+        isinstance(conversation, (list, tuple))
+        and len(conversation) > 0
+        and isinstance(conversation[0], (list, tuple))
+    )
 
 
 def _clean_v25_transcript(text: str) -> str:
@@ -733,7 +739,6 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(f"`language` must be 'zh', 'en' or None, got {language!r}.")
         return V25_LANGUAGE_TAGS[language]
 
-
     def __call__(
         self,
         text: str | list[str] | None = None,
@@ -866,7 +871,9 @@ class MiMoAudioProcessor(ProcessorMixin):
                 (e.g. "用气喘吁吁的年轻男性声音说：我跑不动了"); `instruction` and `style` are not used.
         """
         if natural_instruction and (instruction is not None or style is not None):
-            raise ValueError("`natural_instruction=True` takes the whole request in `text`; do not pass `instruction` or `style`.")
+            raise ValueError(
+                "`natural_instruction=True` takes the whole request in `text`; do not pass `instruction` or `style`."
+            )
         voice_item = None if voice is None else _as_audio_item(voice, "voice")
         thinking = voice_item is not None or style is not None or natural_instruction
         texts = text if _is_batch(text) else [text]
@@ -1032,7 +1039,9 @@ class MiMoAudioProcessor(ProcessorMixin):
             if waveform.ndim == 2:
                 waveform = waveform.float().mean(dim=0)  # (channels, samples) -> mono
             elif waveform.ndim != 1:
-                raise ValueError(f"Audio {index}: expected a waveform (samples,) or (channels, samples), got {tuple(waveform.shape)}.")
+                raise ValueError(
+                    f"Audio {index}: expected a waveform (samples,) or (channels, samples), got {tuple(waveform.shape)}."
+                )
         else:
             source = item.get("path") or item.get("url")
             data = self._read_source(item, index)
@@ -1308,7 +1317,11 @@ class MiMoAudioProcessor(ProcessorMixin):
         ends = (text_ids == self.eostm_token_id).nonzero()
         start = int(starts[0, 0]) + 1 if starts.numel() else 0
         end = int(ends[0, 0]) if ends.numel() else text_ids.shape[0]
-        frames = patches[start:end].reshape(-1, self.audio_channels) if end > start else patches[:0].reshape(0, self.audio_channels)
+        frames = (
+            patches[start:end].reshape(-1, self.audio_channels)
+            if end > start
+            else patches[:0].reshape(0, self.audio_channels)
+        )
         frames = frames[frames[:, 0] != self.audio_empty_ids[0]]
         if (frames < 0).any() or (frames >= torch.tensor(self.audio_empty_ids)).any():
             raise ValueError("The generated speech holds codes outside the codebooks (or empty ids inside a patch).")
@@ -1377,7 +1390,9 @@ class MiMoAudioProcessor(ProcessorMixin):
         pending, caches, finished = [], [], []
 
         def decode(index: int, last: bool) -> torch.Tensor:
-            codes = torch.cat(pending[index]) if pending[index] else torch.zeros(0, self.audio_channels, dtype=torch.long)
+            codes = (
+                torch.cat(pending[index]) if pending[index] else torch.zeros(0, self.audio_channels, dtype=torch.long)
+            )
             output = codec.streaming_decode(
                 codes.T[None].to(codec.device),
                 cache=caches[index],

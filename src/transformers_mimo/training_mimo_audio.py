@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import ModelOutput
 
-IGNORE_INDEX = -100
-
-from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
+from .modeling_mimo_audio import IGNORE_INDEX, MiMoAudioForConditionalGeneration
 
 
 # Modules that quantization leaves in full precision, as the model class declares them (see docs/quantization.md for
@@ -300,7 +298,9 @@ def compute_logprobs(
         # No audio position: the patch decoder still runs, on one dummy patch whose result is multiplied by 0, so that
         # its parameters take part in every backward pass (DDP expects the same parameters to get gradients at every
         # step; here they are used after the wrapper's forward).
-        dummy = torch.zeros((1, config.group_size, config.audio_channels), dtype=torch.long, device=hidden_states.device)
+        dummy = torch.zeros(
+            (1, config.group_size, config.audio_channels), dtype=torch.long, device=hidden_states.device
+        )
         unused = core.teacher_forced_audio_logits(hidden_states[:1, 0], dummy)
         audio_logprobs = audio_logprobs + 0.0 * sum(logits.sum() for logits in unused).float()
     else:

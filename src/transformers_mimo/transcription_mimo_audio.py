@@ -343,7 +343,9 @@ def transcribe(
         inputs = processor.asr(clips, language=language, instruction=instruction).to(model.device)
         with torch.inference_mode():
             output = model.generate(**inputs, **settings, return_dict_in_generate=True)
-        decoded = processor.batch_decode_generation(output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False)
+        decoded = processor.batch_decode_generation(
+            output, prompt_length=inputs["input_ids"].shape[1], decode_audio=False
+        )
         for piece, text in zip(batch, decoded.text):
             texts[piece] = text
         if progress is not None:

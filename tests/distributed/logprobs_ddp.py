@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from sft_lora import load_model, lora_model, lora_state
 
-from sft_lora import lora_model, lora_state, load_model
 from transformers_mimo import compute_logprobs
 
 

@@ -32,10 +32,10 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate import PartialState
+from peft import LoraConfig, get_peft_model
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -50,6 +50,7 @@ from transformers_mimo import (
     MiMoAudioProcessor,
     get_lora_target_modules,
 )
+
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "lm_a" / "checkpoint"
 
