@@ -567,8 +567,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
 
     def _generation_step_functions(self, generation_config: GenerationConfig, model_kwargs: dict) -> tuple:
         """
-        The decode step and the patch function `_sample` calls: `(_decode_step, _generate_audio_patch)`, compiled
-        when `generation_config.compile` is True, or when it is None and Transformers' rule applies (a static cache
+        The decode step and the patch function `_sample` calls, and whether they are compiled:
+        `(_decode_step, _generate_audio_patch, compiled)`. They are compiled when `generation_config.compile` is True, or when it is None and Transformers' rule applies (a static cache
         on an accelerator, see `_valid_auto_compile_criteria`). The compiled functions are kept on the model and reused
         while the compile config stays the same; `torch.compile` specialises them per batch size (`dynamic=False`
         by default), so compilation is paid once per batch size.
@@ -577,7 +577,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         if compile_steps is None:
             compile_steps = self._valid_auto_compile_criteria(model_kwargs, generation_config)
         if not compile_steps:
-            return self._decode_step, self._generate_audio_patch
+            return self._decode_step, self._generate_audio_patch, False
         compile_config = generation_config.compile_config
         if compile_config is None:  # static shapes per batch size; CUDA graphs where there is CUDA
             on_cuda = self.device.type == "cuda"
@@ -589,7 +589,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                 torch.compile(self._decode_step, **options),
                 torch.compile(self._generate_audio_patch, **options),
             )
-        return self._compiled_generation_steps
+        return (*self._compiled_generation_steps, True)
 
     def _sample(
         self,
@@ -644,7 +644,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
 
         cache = model_kwargs.get("cache")
         static_decoding = model_kwargs.get("use_cache", True) and cache is not None and cache.is_compileable
-        decode_step, generate_audio_patch = self._generation_step_functions(generation_config, model_kwargs)
+        decode_step, generate_audio_patch, compiled = self._generation_step_functions(generation_config, model_kwargs)
         model_kwargs["audio_input_ids"] = audio_sequences[:, :length]
         outputs = self._prefill(sequences[:, :length], generation_config, model_kwargs)
         if static_decoding:
@@ -674,7 +674,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                             output_attentions=output_attentions,
                             output_hidden_states=output_hidden_states,
                         )
-                    decode_step_seen = True
+                    decode_step_seen = compiled
                 else:
                     model_kwargs["audio_input_ids"] = audio_sequences[:, :length]
                     model_inputs = self.prepare_inputs_for_generation(
@@ -719,7 +719,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                         keep_audio_scores,
                         is_audio,
                     )
-                patch_seen = True
+                patch_seen = compiled
                 if original_audio_order and failed.any():
                     _raise_if_sampling_failed(True, f"codebook {int(failed.int().argmax())}")
                 next_patch = torch.where(is_audio[:, None, None], patch.to(device), empty_patch)
