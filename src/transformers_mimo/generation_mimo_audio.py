@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import (
     CompileConfig,
     GenerateDecoderOnlyOutput,
@@ -104,17 +104,17 @@ class _PatchDecoding:
     `_prepare_patch_decoding`.
 
     Args:
-        cache (`StaticCache`): `batch_size` x `patch_decoder_steps` positions, allocated up front, reset before every
-            patch.
+        cache (`Cache`): reset before every patch; a `StaticCache` of `batch_size` x `patch_decoder_steps` positions,
+            allocated up front, for compiled steps, else a `DynamicCache`.
         channels (`tuple[tuple[int, ...], ...]`): per step, the codebooks it produces.
         position_ids (`tuple[torch.LongTensor, ...]`): per step, its position `(1, 1)`.
-        attention_masks (`tuple`): per step, its row of the causal mask over the cache, in the attention
-            implementation's format (`None` where the implementation needs none).
+        attention_masks (`tuple`): per step, its row of the causal mask over a static cache, in the attention
+            implementation's format (`None` with a dynamic cache, which holds only the steps a step attends to).
         position_embeddings (`tuple[tuple[torch.Tensor, torch.Tensor], ...]`): per step, the rotary `(cos, sin)`,
             each `(1, 1, head_dim)`.
     """
 
-    cache: StaticCache
+    cache: Cache
     channels: tuple[tuple[int, ...], ...]
     position_ids: tuple[torch.LongTensor, ...]
     attention_masks: tuple[torch.Tensor | None, ...]
@@ -401,44 +401,54 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             warpers.append(TopPLogitsWarper(generation_config.audio_top_p))
         return warpers
 
-    def _prepare_patch_decoding(self, batch_size: int, device: torch.device) -> _PatchDecoding:
-        """The patch decoder's cache, step schedule, masks and rotary tables, built once per `generate` call and
-        reused for every patch (see [`_PatchDecoding`])."""
+    def _prepare_patch_decoding(self, batch_size: int, device: torch.device, static: bool) -> _PatchDecoding:
+        """
+        The patch decoder's cache, step schedule, masks and rotary tables, built once per `generate` call and reused
+        for every patch (see [`_PatchDecoding`]). `static`: a `StaticCache` of all the patch's steps, allocated up
+        front, with one causal-mask row per step (fixed shapes, for compiled steps); else a `DynamicCache` that holds
+        exactly the steps so far, so that a step attends to all of it without a mask (fewer operations per layer in
+        eager mode; the same attention).
+        """
         config = self.config
         decoder_config = config.patch_decoder_config
         steps = config.patch_decoder_steps
         dtype = self.patch_decoder.input_proj.weight.dtype
-        cache = StaticCache(config=decoder_config, max_cache_len=steps)
-        head_dim = getattr(decoder_config, "head_dim", None) or decoder_config.hidden_size // (
-            decoder_config.num_attention_heads
-        )
-        cache.early_initialization(batch_size, decoder_config.num_key_value_heads, head_dim, dtype, device)
         _, active = self.delay_audio_codes(
             torch.zeros(1, config.group_size, config.audio_channels, dtype=torch.long, device=device)
         )
         channels = tuple(tuple(row.nonzero().flatten().tolist()) for row in active.cpu())
-        # The causal mask of all steps at once; step t attends to the cache's positions 0..t.
         position_ids = torch.arange(steps, device=device)[None]
         inputs_embeds = torch.zeros(batch_size, steps, decoder_config.hidden_size, dtype=dtype, device=device)
-        mask = create_causal_mask(
-            config=decoder_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=None,
-            cache=None,
-            position_ids=position_ids,
-            allow_is_causal_skip=False,
-        )
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise ValueError(
-                f"The patch decoder's attention implementation {decoder_config._attn_implementation!r} is not "
-                "supported for generation: use 'sdpa' or 'eager'."
-            )
         cos, sin = self.patch_decoder.rotary_emb(inputs_embeds, position_ids)
+        if static:
+            cache = StaticCache(config=decoder_config, max_cache_len=steps)
+            head_dim = getattr(decoder_config, "head_dim", None) or decoder_config.hidden_size // (
+                decoder_config.num_attention_heads
+            )
+            cache.early_initialization(batch_size, decoder_config.num_key_value_heads, head_dim, dtype, device)
+            # The causal mask of all steps at once; step t attends to the cache's positions 0..t.
+            mask = create_causal_mask(
+                config=decoder_config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=None,
+                cache=None,
+                position_ids=position_ids,
+                allow_is_causal_skip=False,
+            )
+            if mask is not None and not isinstance(mask, torch.Tensor):
+                raise ValueError(
+                    f"The patch decoder's attention implementation {decoder_config._attn_implementation!r} is not "
+                    "supported for compiled generation: use 'sdpa' or 'eager'."
+                )
+            masks = tuple(None if mask is None else mask[:, :, step : step + 1] for step in range(steps))
+        else:
+            cache = DynamicCache(config=decoder_config)
+            masks = (None,) * steps
         return _PatchDecoding(
             cache=cache,
             channels=channels,
             position_ids=tuple(position_ids[:, step : step + 1] for step in range(steps)),
-            attention_masks=tuple(None if mask is None else mask[:, :, step : step + 1] for step in range(steps)),
+            attention_masks=masks,
             position_embeddings=tuple((cos[:, step : step + 1], sin[:, step : step + 1]) for step in range(steps)),
         )
 
@@ -658,7 +668,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                 position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
             else:
                 position_ids = torch.full((batch_size, 1), length - 1, dtype=torch.long, device=device)
-        patch_decoding = self._prepare_patch_decoding(batch_size, outputs.last_hidden_state.device)
+        patch_decoding = self._prepare_patch_decoding(batch_size, outputs.last_hidden_state.device, static=compiled)
         prefill_consumed = decode_step_seen = patch_seen = False
         while self._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
             if prefill_consumed:

@@ -317,8 +317,10 @@ class MiMoAudioPatchDecoder(nn.Module):
             position_ids (`torch.LongTensor` of shape `(batch_size, steps)`, *optional*):
                 Defaults to the steps after the cached ones.
             attention_mask (`torch.Tensor`, *optional*):
-                A prepared 4D mask in the format of the attention implementation (see `create_causal_mask`), e.g. one
-                row of a mask built once per `generate` call. Defaults to the causal mask after the cached steps.
+                With `position_embeddings`: the prepared 4D mask in the format of the attention implementation (see
+                `create_causal_mask`), e.g. one row of a mask built once per `generate` call, or `None` where no mask
+                is needed (one step over a cache that holds exactly the earlier steps). Without
+                `position_embeddings`, the causal mask after the cached steps is built here.
             position_embeddings (`tuple(torch.Tensor, torch.Tensor)`, *optional*):
                 Prepared rotary `(cos, sin)` of `position_ids`, each `(1, steps, head_dim)`. Computed when omitted.
 
@@ -330,7 +332,7 @@ class MiMoAudioPatchDecoder(nn.Module):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
-        if attention_mask is None:
+        if position_embeddings is None:  # not prepared by the caller: the mask is built here too
             attention_mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
@@ -338,7 +340,6 @@ class MiMoAudioPatchDecoder(nn.Module):
                 cache=cache,
                 position_ids=position_ids,
             )
-        if position_embeddings is None:
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
