@@ -15,14 +15,13 @@ before `min_new_tokens`, each codebook's empty id) are removed before temperatur
 orders its processors; the original removed them afterwards, so its top-k could keep fewer than k candidates.
 `original_sampling_order=True` (a generation config key) bans them afterwards, as the original does.
 
-Every per-step piece has static shapes and runs without host synchronisation: the patch decoder reuses one
-`StaticCache` for every patch of a `generate` call, with its attention mask rows and rotary tables prepared once per
-call, and produces a whole patch (all its decoder steps, sampling and empty-id bans included) in one function,
-`_generate_audio_patch`. With a static LLM cache (`cache_implementation="static"`) the LLM decode step is static too
-(`_decode_step`). `generate(..., compile=True)` compiles both with `torch.compile` (`generation_config.compile_config`;
-on CUDA its default mode captures them in CUDA graphs); see docs/performance.md. Between the two, the loop syncs
-once per step to skip the patch decoder when no sample chose audio, and once for the stopping criteria (as
-Transformers' own loop).
+One function, `_generate_audio_patch`, produces a whole patch (all its decoder steps, sampling and empty-id bans
+included) without host synchronisation, from a cache, positions and rotary tables prepared once per `generate` call.
+With a static LLM cache (`cache_implementation="static"`) the LLM decode step has static shapes too (`_decode_step`).
+`generate(..., compile=True)` compiles both with `torch.compile` (`generation_config.compile_config`; on CUDA its
+default mode captures them in CUDA graphs), the patch over a `StaticCache` with prepared mask rows; eager patches use a
+`DynamicCache` that needs no mask. Between the two functions the loop syncs once per step to skip the patch decoder
+when no sample chose audio, and once for the stopping criteria (as Transformers' own loop). See docs/performance.md.
 """
 
 from dataclasses import dataclass
