@@ -24,6 +24,7 @@ default mode captures them in CUDA graphs), the patch over a `StaticCache` with 
 when no sample chose audio, and once for the stopping criteria (as Transformers' own loop). See docs/performance.md.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
@@ -217,7 +218,7 @@ def _guard_stance(seen: bool):
     every later step of the call passes the same objects with the same shapes, dtypes and devices. (Full guards cost
     about 1 ms per call on CPU, as much as several of the patch decoder's layers.)
     """
-    return torch.compiler.set_stance(skip_guard_eval_unsafe=seen)
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if seen else nullcontext()
 
 
 class MiMoAudioGenerationMixin(GenerationMixin):
