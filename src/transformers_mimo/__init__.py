@@ -31,9 +31,11 @@ from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
 from .modeling_mimo_audio import (
     ORIGINAL_CHECKPOINT_KEY_MAPPING,
     MiMoAudioForConditionalGeneration,
+    MiMoAudioLogProbs,
     MiMoAudioModel,
     MiMoAudioOutputWithPast,
     MiMoAudioPreTrainedModel,
+    compute_logprobs,
 )
 from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerDecoderOutput,
@@ -51,15 +53,8 @@ from .processing_mimo_audio import (
     MiMoAudioDecodedOutput,
     MiMoAudioProcessor,
 )
-from .training_mimo_audio import (
-    LORA_TARGET_MODULES,
-    QUANTIZATION_SKIP_MODULES,
-    UNQUANTIZED_MODULES,
-    MiMoAudioDataCollator,
-    MiMoAudioLogProbs,
-    compute_logprobs,
-    get_lora_target_modules,
-)
+from .quantization_mimo_audio import QUANTIZATION_SKIP_MODULES, UNQUANTIZED_MODULES
+from .training_mimo_audio import LORA_TARGET_MODULES, MiMoAudioDataCollator, get_lora_target_modules
 from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe
 
 

@@ -176,7 +176,7 @@ def load_model_and_processor(args):
     """
     from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
     from .processing_mimo_audio import MiMoAudioProcessor
-    from .training_mimo_audio import QUANTIZATION_SKIP_MODULES
+    from .quantization_mimo_audio import QUANTIZATION_SKIP_MODULES
 
     model_path = _check_checkpoint(args.model, "--model", kind="lm")
     codec_path = args.audio_tokenizer
@@ -190,7 +190,7 @@ def load_model_and_processor(args):
     if args.load_in_4bit or args.load_in_8bit:
         from transformers import BitsAndBytesConfig
 
-        # Only the LLM's linear layers are quantized (see training_mimo_audio.QUANTIZATION_SKIP_MODULES).
+        # Only the LLM's linear layers are quantized (see quantization_mimo_audio.QUANTIZATION_SKIP_MODULES).
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=args.load_in_4bit,
             load_in_8bit=args.load_in_8bit,

@@ -25,6 +25,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mimo_audio import MiMoAudioConfig, is_original_config_dict
 from .generation_mimo_audio import MiMoAudioGenerationMixin
+from .quantization_mimo_audio import (
+    UNQUANTIZED_MODULES,
+    keep_bnb_cpu_4bit_layers_unpacked,
+    unpack_bnb_cpu_4bit_weights,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -99,47 +104,8 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
         """
         if self.can_generate():
             self.generation_config._from_model_config = False
-        self._unpack_bnb_cpu_4bit_weights()
+        unpack_bnb_cpu_4bit_weights(self)
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
-
-    def _unpack_bnb_cpu_4bit_weights(self):
-        """
-        bitsandbytes (0.50) repacks each 4-bit weight for its AVX512-BF16 CPU kernel at the first CPU inference: the
-        block scales become bf16 (dequantized first under double quantization) and are stored transposed. Its own
-        unpacking on save leaves them transposed (the checkpoint then reloads as another model) or re-quantizes them
-        (a slightly different model). Unpack here with the bf16 scales in their original layout, as plain float32
-        scales: the saved model computes exactly what the repacked one did (without double quantization of the
-        scales, which cost 0.5 instead of 0.13 bits per weight).
-        """
-        for module in self.modules():
-            weight = getattr(module, "weight", None)
-            state = getattr(weight, "quant_state", None)
-            if state is None or not getattr(state, "packing_format_for_cpu", False):
-                continue
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            state.original_nested = False  # keep the scales the repacked model used, instead of re-quantizing them
-            weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)  # (N * K / blocksize,), quantization's order
-            weight.quant_state = state
-
-    def _keep_bnb_cpu_4bit_layers_unpacked(self) -> list[str]:
-        """
-        bitsandbytes (0.50) repacks a 4-bit weight `(N, K)` for its AVX512-BF16 CPU kernel at the first CPU inference,
-        which needs `N` divisible by 32 and `K` by the quantization block size; other layers (e.g. an 80-wide or
-        16-wide projection) fail there with an assertion or a reshape error. Those layers keep bitsandbytes' generic
-        (unpacked) 4-bit path instead; returns their names.
-        """
-        unpacked = []
-        for name, module in self.named_modules():
-            state = getattr(getattr(module, "weight", None), "quant_state", None)
-            if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
-                continue
-            out_features, in_features = state.shape
-            if out_features % 32 or in_features % 2 or in_features % state.blocksize:
-                module.support_avx512bf16_for_cpu = False
-                unpacked.append(name)
-        return unpacked
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -156,7 +122,7 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        if unpacked := model._keep_bnb_cpu_4bit_layers_unpacked():
+        if unpacked := keep_bnb_cpu_4bit_layers_unpacked(model):
             logger.warning(
                 f"{len(unpacked)} 4-bit layer(s) have widths bitsandbytes' packed CPU kernel does not support; they "
                 f"use its generic 4-bit path on CPU: {unpacked}"
@@ -561,7 +527,7 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     _tp_plan = {"lm_head": "colwise_gather_output"}
     # Left unquantized by bitsandbytes / torchao (only the LLM's linear layers are quantized; `lm_head` is skipped by
     # Transformers' default) and kept in fp32 when loading in fp16. Measurements: docs/quantization.md.
-    _keep_in_fp32_modules = ["model.audio_embeddings", "model.patch_encoder", "patch_decoder"]
+    _keep_in_fp32_modules = list(UNQUANTIZED_MODULES)
     # The loss is the official recipe's own mean (weighted text tokens, patches per codebook), not a sum over
     # `num_items_in_batch`: the `Trainer` must divide it by the gradient accumulation steps and must not multiply it by
     # the number of processes (which it does for models that take loss kwargs).
@@ -785,8 +751,6 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         Teacher-forced log-probabilities of the given text tokens and audio codes under the distributions `generate`
         samples from (for RL losses); see [`transformers_mimo.compute_logprobs`], which also accepts PEFT wrappers.
         """
-        from .training_mimo_audio import compute_logprobs
-
         return compute_logprobs(self, input_ids, audio_input_ids, attention_mask, temperature, audio_temperature)
 
     @can_return_tuple
@@ -882,11 +846,125 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         )
 
 
+@dataclass
+class MiMoAudioLogProbs(ModelOutput):
+    r"""
+    Teacher-forced log-probabilities of a sequence under the model (see [`compute_logprobs`]).
+
+    Args:
+        text_logprobs (`torch.FloatTensor` of shape `(batch_size, seq_len)`):
+            Entry `t` is `log p(input_ids[:, t] | positions < t)`; 0 at `t = 0` and at padding.
+        audio_logprobs (`torch.FloatTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`):
+            Entry `(t, f, c)` is the log-probability of code `audio_input_ids[:, t, f, c]` at the patch decoder step
+            `f + delay_pattern[c]`, given the hidden state at `t - 1` and the codes of the earlier steps, with each
+            codebook's empty id banned as in generation. Defined where `audio_mask` is True, 0 elsewhere.
+        audio_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`):
+            True at audio positions (`input_ids == <|empty|>`, not padding, `t >= 1`).
+        text_entropy (`torch.FloatTensor` of shape `(batch_size, seq_len)`, *optional*, returned with
+            `return_entropy=True`):
+            Entry `t` is the entropy of the text distribution that `input_ids[:, t]` was drawn from (after the
+            temperature); 0 at `t = 0` and at padding.
+    """
+
+    text_logprobs: torch.FloatTensor | None = None
+    audio_logprobs: torch.FloatTensor | None = None
+    audio_mask: torch.BoolTensor | None = None
+    text_entropy: torch.FloatTensor | None = None
+
+
+def compute_logprobs(
+    model,
+    input_ids: torch.LongTensor,
+    audio_input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    audio_temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> MiMoAudioLogProbs:
+    r"""
+    Per-position log-probabilities of the given text tokens and audio codes, teacher-forced in one forward pass: the
+    distributions `generate(do_sample=True, temperature=temperature, audio_temperature=audio_temperature)` samples
+    from when no top-k / top-p / other logits processor is active (empty ids banned for audio). Gradients flow (use it
+    for policy-gradient losses); call `model.eval()` first to match generation exactly (the patch decoder has dropout).
+
+    Args:
+        model ([`MiMoAudioForConditionalGeneration`] or a PEFT model wrapping one).
+        input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): prompt + completion, text channel.
+        audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
+            aligned audio channel (e.g. `generate(...).audio_sequences`). Needed when `input_ids` holds `<|empty|>`.
+        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*): 0 at padding (left or right).
+        temperature, audio_temperature (`float`, defaults to 1.0): divide the text / audio logits first.
+        return_entropy (`bool`, defaults to `False`): also return `text_entropy`.
+
+    Returns:
+        [`MiMoAudioLogProbs`]; select the completion with your own mask (e.g. positions `>= prompt_length`).
+    """
+    if temperature <= 0 or audio_temperature <= 0:
+        raise ValueError(f"Temperatures must be positive, got {temperature} and {audio_temperature}.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+    # Under DDP, the forward goes through the wrapper (which arms the gradient all-reduce); the patch decoder, called
+    # afterwards, is reached on the wrapped module.
+    core = getattr(model, "module", model)
+    config = core.config
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    valid = attention_mask.bool()
+    outputs = model(
+        input_ids=input_ids, audio_input_ids=audio_input_ids, attention_mask=attention_mask, use_cache=False
+    )
+
+    logits = outputs.logits[:, :-1].float() / temperature
+    log_probs = logits.log_softmax(-1)
+    text = log_probs.gather(-1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
+    text_logprobs = F.pad(text, (1, 0)).masked_fill(~valid.to(text.device), 0.0)
+    text_entropy = None
+    if return_entropy:
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        text_entropy = F.pad(entropy, (1, 0)).masked_fill(~valid.to(entropy.device), 0.0)
+
+    batch_size, seq_len = input_ids.shape
+    hidden_states = outputs.last_hidden_state
+    audio_logprobs = hidden_states.new_zeros(
+        (batch_size, seq_len, config.group_size, config.audio_channels), dtype=torch.float32
+    )
+    audio_mask = torch.zeros_like(valid)
+    audio_mask[:, 1:] = (input_ids[:, 1:] == config.empty_token_id) & valid[:, 1:]
+    if not audio_mask.any():
+        # No audio position: the patch decoder still runs, on one dummy patch whose result is multiplied by 0, so that
+        # its parameters take part in every backward pass (DDP expects the same parameters to get gradients at every
+        # step; here they are used after the wrapper's forward).
+        dummy = torch.zeros(
+            (1, config.group_size, config.audio_channels), dtype=torch.long, device=hidden_states.device
+        )
+        unused = core.teacher_forced_audio_logits(hidden_states[:1, 0], dummy)
+        audio_logprobs = audio_logprobs + 0.0 * sum(logits.sum() for logits in unused).float()
+    else:
+        if audio_input_ids is None:
+            raise ValueError("`input_ids` hold audio positions (<|empty|>): pass their codes in `audio_input_ids`.")
+        targets = audio_input_ids[audio_mask].to(hidden_states.device)  # (num_patches, group_size, audio_channels)
+        previous = audio_mask[:, 1:].to(hidden_states.device)
+        channel_logits = core.teacher_forced_audio_logits(hidden_states[:, :-1][previous], targets)
+        patch_logprobs = []
+        for channel, channel_logit in enumerate(channel_logits):
+            scores = channel_logit.float() / audio_temperature
+            scores[..., config.audio_empty_ids[channel]] = float("-inf")
+            patch_logprobs.append(scores.log_softmax(-1).gather(-1, targets[..., channel, None]).squeeze(-1))
+        audio_logprobs = audio_logprobs.index_put(
+            (audio_mask.to(hidden_states.device),), torch.stack(patch_logprobs, -1)
+        )
+    return MiMoAudioLogProbs(
+        text_logprobs=text_logprobs, audio_logprobs=audio_logprobs, audio_mask=audio_mask, text_entropy=text_entropy
+    )
+
+
 __all__ = [
     "MiMoAudioPreTrainedModel",
     "MiMoAudioModel",
     "MiMoAudioForConditionalGeneration",
     "MiMoAudioOutputWithPast",
+    "MiMoAudioLogProbs",
+    "compute_logprobs",
 ]
 
 

@@ -1,28 +1,18 @@
-"""Fine-tuning and RL helpers for MiMo-Audio: quantization defaults, LoRA target presets, the SFT data collator and
-teacher-forced log-probabilities of text tokens and audio codes.
+"""Fine-tuning helpers for MiMo-Audio: LoRA target presets and the SFT data collator. (What quantization leaves alone
+is in `quantization_mimo_audio`; the teacher-forced log-probabilities for RL, `compute_logprobs`, in
+`modeling_mimo_audio`.)
 
 Training data follows the official recipe: every position outside the assistant replies is ignored on all channels
 (system and user turns, the `<|im_start|>assistant\\n` header and, when thinking is off, the empty thinking block
 `<think>\\n\\n</think>\\n`); each assistant reply and its closing `<|im_end|>\\n` are trained, text and audio.
 """
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers.modeling_outputs import ModelOutput
 
-from .modeling_mimo_audio import IGNORE_INDEX, MiMoAudioForConditionalGeneration
+from .modeling_mimo_audio import IGNORE_INDEX
 
-
-# Modules that quantization leaves in full precision, as the model class declares them (see docs/quantization.md for
-# the measurements): the codebook embeddings, the patch encoder and the whole patch decoder (its input projection,
-# transformer and per-codebook heads). Only the LLM's linear layers are quantized; `lm_head` stays unquantized through
-# Transformers' default. A custom `llm_int8_skip_modules` replaces those defaults: pass `QUANTIZATION_SKIP_MODULES`
-# plus your own names to keep the same split.
-UNQUANTIZED_MODULES = tuple(MiMoAudioForConditionalGeneration._keep_in_fp32_modules)
-QUANTIZATION_SKIP_MODULES = ("lm_head", *UNQUANTIZED_MODULES)
 
 # LoRA target presets (regular expressions matched in full against module names, as PEFT does for a string).
 _TRANSFORMER_PROJECTIONS = r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -207,127 +197,8 @@ class MiMoAudioDataCollator:
         }
 
 
-# ---------------------------------------------------------------------------------------------- RL log-probabilities
-
-
-@dataclass
-class MiMoAudioLogProbs(ModelOutput):
-    r"""
-    Teacher-forced log-probabilities of a sequence under the model (see [`compute_logprobs`]).
-
-    Args:
-        text_logprobs (`torch.FloatTensor` of shape `(batch_size, seq_len)`):
-            Entry `t` is `log p(input_ids[:, t] | positions < t)`; 0 at `t = 0` and at padding.
-        audio_logprobs (`torch.FloatTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`):
-            Entry `(t, f, c)` is the log-probability of code `audio_input_ids[:, t, f, c]` at the patch decoder step
-            `f + delay_pattern[c]`, given the hidden state at `t - 1` and the codes of the earlier steps, with each
-            codebook's empty id banned as in generation. Defined where `audio_mask` is True, 0 elsewhere.
-        audio_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`):
-            True at audio positions (`input_ids == <|empty|>`, not padding, `t >= 1`).
-        text_entropy (`torch.FloatTensor` of shape `(batch_size, seq_len)`, *optional*, returned with
-            `return_entropy=True`):
-            Entry `t` is the entropy of the text distribution that `input_ids[:, t]` was drawn from (after the
-            temperature); 0 at `t = 0` and at padding.
-    """
-
-    text_logprobs: torch.FloatTensor | None = None
-    audio_logprobs: torch.FloatTensor | None = None
-    audio_mask: torch.BoolTensor | None = None
-    text_entropy: torch.FloatTensor | None = None
-
-
-def compute_logprobs(
-    model,
-    input_ids: torch.LongTensor,
-    audio_input_ids: torch.LongTensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    audio_temperature: float = 1.0,
-    return_entropy: bool = False,
-) -> MiMoAudioLogProbs:
-    r"""
-    Per-position log-probabilities of the given text tokens and audio codes, teacher-forced in one forward pass: the
-    distributions `generate(do_sample=True, temperature=temperature, audio_temperature=audio_temperature)` samples
-    from when no top-k / top-p / other logits processor is active (empty ids banned for audio). Gradients flow (use it
-    for policy-gradient losses); call `model.eval()` first to match generation exactly (the patch decoder has dropout).
-
-    Args:
-        model ([`MiMoAudioForConditionalGeneration`] or a PEFT model wrapping one).
-        input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): prompt + completion, text channel.
-        audio_input_ids (`torch.LongTensor` of shape `(batch_size, seq_len, group_size, audio_channels)`, *optional*):
-            aligned audio channel (e.g. `generate(...).audio_sequences`). Needed when `input_ids` holds `<|empty|>`.
-        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*): 0 at padding (left or right).
-        temperature, audio_temperature (`float`, defaults to 1.0): divide the text / audio logits first.
-        return_entropy (`bool`, defaults to `False`): also return `text_entropy`.
-
-    Returns:
-        [`MiMoAudioLogProbs`]; select the completion with your own mask (e.g. positions `>= prompt_length`).
-    """
-    if temperature <= 0 or audio_temperature <= 0:
-        raise ValueError(f"Temperatures must be positive, got {temperature} and {audio_temperature}.")
-    if input_ids.dim() != 2:
-        raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
-    # Under DDP, the forward goes through the wrapper (which arms the gradient all-reduce); the patch decoder, called
-    # afterwards, is reached on the wrapped module.
-    core = getattr(model, "module", model)
-    config = core.config
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    valid = attention_mask.bool()
-    outputs = model(
-        input_ids=input_ids, audio_input_ids=audio_input_ids, attention_mask=attention_mask, use_cache=False
-    )
-
-    logits = outputs.logits[:, :-1].float() / temperature
-    log_probs = logits.log_softmax(-1)
-    text = log_probs.gather(-1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
-    text_logprobs = F.pad(text, (1, 0)).masked_fill(~valid.to(text.device), 0.0)
-    text_entropy = None
-    if return_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        text_entropy = F.pad(entropy, (1, 0)).masked_fill(~valid.to(entropy.device), 0.0)
-
-    batch_size, seq_len = input_ids.shape
-    hidden_states = outputs.last_hidden_state
-    audio_logprobs = hidden_states.new_zeros(
-        (batch_size, seq_len, config.group_size, config.audio_channels), dtype=torch.float32
-    )
-    audio_mask = torch.zeros_like(valid)
-    audio_mask[:, 1:] = (input_ids[:, 1:] == config.empty_token_id) & valid[:, 1:]
-    if not audio_mask.any():
-        # No audio position: the patch decoder still runs, on one dummy patch whose result is multiplied by 0, so that
-        # its parameters take part in every backward pass (DDP expects the same parameters to get gradients at every
-        # step; here they are used after the wrapper's forward).
-        dummy = torch.zeros(
-            (1, config.group_size, config.audio_channels), dtype=torch.long, device=hidden_states.device
-        )
-        unused = core.teacher_forced_audio_logits(hidden_states[:1, 0], dummy)
-        audio_logprobs = audio_logprobs + 0.0 * sum(logits.sum() for logits in unused).float()
-    else:
-        if audio_input_ids is None:
-            raise ValueError("`input_ids` hold audio positions (<|empty|>): pass their codes in `audio_input_ids`.")
-        targets = audio_input_ids[audio_mask].to(hidden_states.device)  # (num_patches, group_size, audio_channels)
-        previous = audio_mask[:, 1:].to(hidden_states.device)
-        channel_logits = core.teacher_forced_audio_logits(hidden_states[:, :-1][previous], targets)
-        patch_logprobs = []
-        for channel, channel_logit in enumerate(channel_logits):
-            scores = channel_logit.float() / audio_temperature
-            scores[..., config.audio_empty_ids[channel]] = float("-inf")
-            patch_logprobs.append(scores.log_softmax(-1).gather(-1, targets[..., channel, None]).squeeze(-1))
-        audio_logprobs = audio_logprobs.index_put(
-            (audio_mask.to(hidden_states.device),), torch.stack(patch_logprobs, -1)
-        )
-    return MiMoAudioLogProbs(
-        text_logprobs=text_logprobs, audio_logprobs=audio_logprobs, audio_mask=audio_mask, text_entropy=text_entropy
-    )
-
-
 __all__ = [
     "LORA_TARGET_MODULES",
-    "QUANTIZATION_SKIP_MODULES",
-    "UNQUANTIZED_MODULES",
     "MiMoAudioDataCollator",
-    "MiMoAudioLogProbs",
-    "compute_logprobs",
     "get_lora_target_modules",
 ]

@@ -27,8 +27,8 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from .modeling_mimo_audio import compute_logprobs
 from .processing_mimo_audio import MiMoAudioProcessor
-from .training_mimo_audio import compute_logprobs
 
 
 def _without_none(messages: list[dict]) -> list[dict]:
