@@ -19,8 +19,8 @@ from conftest import AUDIO, GOLDEN
 from transformers import AutoTokenizer, set_seed
 
 from transformers_mimo import cli
-from transformers_mimo.convert_mimo_audio_to_hf import default_generation_config
 from transformers_mimo.feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from transformers_mimo.generation_mimo_audio import default_generation_config
 from transformers_mimo.modeling_mimo_audio import MiMoAudioForConditionalGeneration
 from transformers_mimo.modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 from transformers_mimo.processing_mimo_audio import MiMoAudioProcessor

@@ -14,7 +14,7 @@ from transformers.testing_utils import CaptureLogger
 
 from transformers_mimo import MiMoAudioConfig, MiMoAudioForConditionalGeneration
 from transformers_mimo import convert_mimo_audio_to_hf as conversion
-from transformers_mimo.configuration_mimo_audio import convert_original_config_dict
+from transformers_mimo.conversion_mapping_mimo_audio import convert_original_config_dict
 from transformers_mimo.convert_mimo_audio_to_hf import convert, convert_state_dict_keys, main, verify_conversion
 
 

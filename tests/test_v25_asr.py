@@ -20,7 +20,7 @@ from transformers_mimo import (
     MiMoAudioForConditionalGeneration,
     MiMoAudioProcessor,
 )
-from transformers_mimo.configuration_mimo_audio import V25_ASR_ARCHITECTURE
+from transformers_mimo.conversion_mapping_mimo_audio import V25_ASR_ARCHITECTURE
 from transformers_mimo.convert_mimo_audio_to_hf import convert
 
 
@@ -116,7 +116,7 @@ def test_unread_keys_are_recorded_not_dropped(case):
     """Every key of the original config either builds the model or is kept unchanged in `original_extra_config`; of
     the nested `audio_config`, the values that repeat the flat config equal what the model is built with and the
     rest is kept."""
-    from transformers_mimo.configuration_mimo_audio import _READ_ORIGINAL_KEYS
+    from transformers_mimo.conversion_mapping_mimo_audio import _READ_ORIGINAL_KEYS
 
     original = json.loads((_checkpoint(case) / "config.json").read_text())
     config = MiMoAudioConfig.from_pretrained(_checkpoint(case))

@@ -26,10 +26,11 @@ from .configuration_mimo_audio import (
     route_original_checkpoints_to_mimo_audio,
 )
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
+from .conversion_mapping_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING
+from .convert_mimo_audio_tokenizer_to_hf import convert_original_state_dict
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
 from .modeling_mimo_audio import (
-    ORIGINAL_CHECKPOINT_KEY_MAPPING,
     MiMoAudioForConditionalGeneration,
     MiMoAudioLogProbs,
     MiMoAudioModel,
@@ -45,7 +46,6 @@ from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerPreTrainedModel,
     MiMoAudioTokenizerStreamingCache,
     MiMoAudioTokenizerStreamingDecoderOutput,
-    convert_original_state_dict,
 )
 from .processing_mimo_audio import (
     V25_ASR_INSTRUCTIONS,

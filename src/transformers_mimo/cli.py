@@ -27,14 +27,12 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .conversion_utils import DTYPES, EXIT_FAILURE, EXIT_USAGE
+
 
 DEFAULT_MODEL = "XiaomiMiMo/MiMo-Audio-7B-Instruct"
 DEFAULT_AUDIO_TOKENIZER = "XiaomiMiMo/MiMo-Audio-Tokenizer"
 DEMO_DIR = Path(__file__).with_name("demo")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 class CLIError(Exception):
@@ -244,7 +242,7 @@ class GenerationProgress(BaseStreamer):
 def _generation_config(model, processor, args, task: str):
     """The checkpoint's generation settings (the original's defaults when it stores none), then the task's stop tokens
     and sampling as the original runs it, then the command line's length, `--greedy` and return options."""
-    from .convert_mimo_audio_to_hf import default_generation_config
+    from .generation_mimo_audio import default_generation_config
 
     tokenizer = processor.tokenizer
     config = copy.deepcopy(model.generation_config)

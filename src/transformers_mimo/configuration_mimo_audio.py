@@ -1,14 +1,18 @@
 """MiMo-Audio language model configuration."""
 
-import json
-import os
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
+
+from .conversion_mapping_mimo_audio import (
+    convert_original_config_dict,
+    is_original_config_dict,
+    read_special_token_ids,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -40,23 +44,16 @@ DEFAULT_SPECIAL_TOKEN_IDS = {
     "im_end_token_id": 151645,
 }
 
-# Config field -> token text.
-SPECIAL_TOKENS = {
-    "empty_token_id": "<|empty|>",
-    "sosp_token_id": "<|sosp|>",
-    "eosp_token_id": "<|eosp|>",
-    "sostm_token_id": "<|sostm|>",
-    "eostm_token_id": "<|eostm|>",
-    "eot_token_id": "<|eot|>",
-    "im_start_token_id": "<|im_start|>",
-    "im_end_token_id": "<|im_end|>",
-}
-
-# `config.json` architecture of Xiaomi's MiMo-V2.5-ASR release (a MiMo-Audio model trained for speech recognition).
-V25_ASR_ARCHITECTURE = "MiMoV2ASRForCausalLM"
 # `MiMoAudioConfig.model_variant`: which release a checkpoint comes from. It decides the processor's audio recipe and
 # ASR prompt and the generation defaults written by the conversion.
 MODEL_VARIANTS = ("mimo-audio", "mimo-v2.5-asr")
+
+
+def default_audio_empty_ids(audio_channels: int) -> list[int]:
+    """Each codebook's empty id in the released checkpoints (its codec codebook size): 1024 for the first two
+    codebooks, 128 for the others; the default of the processor's `audio_empty_ids`."""
+    return ([1024, 1024] + [128] * audio_channels)[:audio_channels]
+
 
 # Loss weights of the official training recipe for 8 codebooks (text weight 100, sum 136).
 _DEFAULT_AUDIO_LOSS_WEIGHTS = [12.0, 8.0, 6.0, 4.0, 2.0, 2.0, 1.0, 1.0]
@@ -245,272 +242,6 @@ class MiMoAudioConfig(PreTrainedConfig):
         return config_dict, kwargs
 
 
-def is_original_config_dict(config_dict: dict) -> bool:
-    """Whether `config_dict` is the flat Qwen2-style config of an original MiMo-Audio checkpoint."""
-    return config_dict.get("model_type") != MiMoAudioConfig.model_type and "speech_vocab_size" in config_dict
-
-
-def _parse_per_channel(value, channels: int, name: str) -> list[int]:
-    """Parses the original's `"a-b-c"` strings (or one number meaning the same value for every channel)."""
-    if isinstance(value, str):
-        values = [int(item) for item in value.split("-")] if "-" in value else [int(value)] * channels
-    elif isinstance(value, int):
-        values = [value] * channels
-    elif isinstance(value, list):
-        values = [int(item) for item in value]
-    else:
-        raise ValueError(f"Cannot parse `{name}`={value!r} of the original config.")
-    if len(values) != channels:
-        raise ValueError(f"Original `{name}`={value!r} has {len(values)} entries but `audio_channels` is {channels}.")
-    return values
-
-
-# Keys of the original flat config that describe the Qwen2 backbone.
-_ORIGINAL_TEXT_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "tie_word_embeddings",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "use_sliding_window",
-    "sliding_window",
-    "max_window_layers",
-    "attention_dropout",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-)
-# Keys shared by the backbone and both patch transformers (the original deep-copies its whole config for them).
-_INHERITED_KEYS = (
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-)
-
-
-def convert_original_config_dict(config_dict: dict, special_token_ids: dict[str, int] | None = None) -> dict:
-    """
-    Translates the flat config of an original MiMo-Audio checkpoint (`model_type: "qwen2"`, dash-separated strings,
-    `local_*` / `input_local_*` fields) into the keyword arguments of [`MiMoAudioConfig`].
-
-    The patch transformers follow the original: the patch decoder has `local_attn_heads` query and key/value heads,
-    head dim `local_dim // local_attn_heads` and FFN `local_ffn_dim`; the patch encoder has width `input_local_dim`
-    (`local_dim` when unset), the same head count, and FFN `4 * input_local_dim`. Both inherit RoPE, norm epsilon and
-    maximum length from the backbone; `local_attn_dropout` is their attention dropout. `input_full_attention: null`
-    means causal, as in the original. `head_dim` defaults to 128, the original's default.
-    """
-    channels = int(config_dict.get("audio_channels", 8))
-    text_config = {key: config_dict[key] for key in _ORIGINAL_TEXT_KEYS if key in config_dict}
-    text_config["head_dim"] = config_dict.get("head_dim") or 128
-    text_config["model_type"] = "qwen2"
-    inherited = {key: config_dict[key] for key in _INHERITED_KEYS if config_dict.get(key) is not None}
-
-    local_dim = int(config_dict.get("local_dim", 1024))
-    heads = int(config_dict.get("local_attn_heads", 64))
-    dropout = config_dict.get("local_attn_dropout", 0.1)
-    encoder_dim = int(config_dict.get("input_local_dim") or local_dim)
-    patch_decoder_config = {
-        **inherited,
-        "hidden_size": local_dim,
-        "num_hidden_layers": int(config_dict.get("local_layers", 16)),
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "head_dim": local_dim // heads,
-        "intermediate_size": int(config_dict.get("local_ffn_dim", 4096)),
-        "attention_dropout": dropout,
-    }
-    patch_encoder_config = {
-        **inherited,
-        "hidden_size": encoder_dim,
-        "num_hidden_layers": int(config_dict.get("input_local_layers", 6)),
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "head_dim": encoder_dim // heads,
-        "intermediate_size": 4 * encoder_dim,
-        "attention_dropout": dropout,
-    }
-    converted = {
-        "model_type": MiMoAudioConfig.model_type,
-        "architectures": ["MiMoAudioForConditionalGeneration"],
-        "text_config": text_config,
-        "patch_encoder_config": patch_encoder_config,
-        "patch_decoder_config": patch_decoder_config,
-        "group_size": int(config_dict.get("group_size", 4)),
-        "audio_channels": channels,
-        "audio_vocab_sizes": _parse_per_channel(
-            config_dict.get("speech_vocab_size", "1025-1025-129-129-129-129-129-129"), channels, "speech_vocab_size"
-        ),
-        "audio_empty_ids": _parse_per_channel(
-            config_dict.get("speech_zeroemb_idx", "1024-1024-128-128-128-128-128-128"), channels, "speech_zeroemb_idx"
-        ),
-        "delay_pattern": _parse_per_channel(
-            config_dict.get("delay_pattern", "0-1-2-3-4-5-6-7"), channels, "delay_pattern"
-        ),
-        "input_full_attention": bool(config_dict.get("input_full_attention")),
-        "tie_word_embeddings": bool(config_dict.get("tie_word_embeddings", False)),
-    }
-    for key in ("torch_dtype", "dtype", "transformers_version"):
-        if key in config_dict:
-            converted[key] = config_dict[key]
-    if "empty_loss_weight" in config_dict:
-        converted["empty_token_loss_weight"] = float(config_dict["empty_loss_weight"])
-    if config_dict.get("layer_types") is not None:
-        text_config["layer_types"] = _checked_layer_types(config_dict)
-    if V25_ASR_ARCHITECTURE in (config_dict.get("architectures") or []):
-        converted["model_variant"] = "mimo-v2.5-asr"
-    extra = {key: value for key, value in config_dict.items() if key not in _READ_ORIGINAL_KEYS}
-    if extra.get("audio_config") is not None:
-        extra["audio_config"] = _unrepeated_audio_config(config_dict)
-        if not extra["audio_config"]:
-            del extra["audio_config"]
-    _check_repeated_training_keys(config_dict)
-    if extra:
-        converted["original_extra_config"] = extra
-    converted.update(special_token_ids or {})
-    return converted
-
-
-# Keys of the original flat config that the translation above reads (everything else is kept in
-# `original_extra_config`).
-_READ_ORIGINAL_KEYS = frozenset(
-    (
-        *_ORIGINAL_TEXT_KEYS,
-        "model_type",
-        "architectures",
-        "head_dim",
-        "layer_types",
-        "local_dim",
-        "local_layers",
-        "local_attn_heads",
-        "local_ffn_dim",
-        "local_attn_dropout",
-        "input_local_dim",
-        "input_local_layers",
-        "input_full_attention",
-        "group_size",
-        "audio_channels",
-        "speech_vocab_size",
-        "speech_zeroemb_idx",
-        "delay_pattern",
-        "empty_loss_weight",
-        "torch_dtype",
-        "dtype",
-        "transformers_version",
-        "_name_or_path",
-    )
-)
-
-
-def _original_value(config_dict: dict, key: str, default=None):
-    value = config_dict.get(key)
-    return default if value is None else value
-
-
-def _repeated_audio_config_values(config_dict: dict) -> dict:
-    """
-    Values the V2.5-ASR release's nested `audio_config` repeats from the flat config the original code reads (which
-    never reads `audio_config`): nested key -> (the value the model is built with, where it comes from).
-    """
-    channels = int(_original_value(config_dict, "audio_channels", 8))
-    heads = int(_original_value(config_dict, "local_attn_heads", 64))
-    encoder_dim = int(config_dict.get("input_local_dim") or _original_value(config_dict, "local_dim", 1024))
-    per_channel = {
-        key: (_parse_per_channel(config_dict[key], channels, key), key)
-        for key in ("speech_vocab_size", "speech_zeroemb_idx")
-        if key in config_dict
-    }
-    values = {
-        "audio_channels": (channels, "audio_channels"),
-        "group_size": (int(_original_value(config_dict, "group_size", 4)), "group_size"),
-        "input_full_attention": (bool(config_dict.get("input_full_attention")), "input_full_attention"),
-        "input_local_attn_heads": (heads, "local_attn_heads"),
-        "input_local_dim": (encoder_dim, "input_local_dim (or local_dim)"),
-        "input_local_head_dim": (encoder_dim // heads, "input_local_dim // local_attn_heads"),
-        "input_local_intermediate_size": (4 * encoder_dim, "4 * input_local_dim"),
-        "input_local_layers": (int(_original_value(config_dict, "input_local_layers", 6)), "input_local_layers"),
-        "out_hidden_size": (config_dict.get("hidden_size"), "hidden_size"),
-        "rope_theta": (config_dict.get("rope_theta"), "rope_theta"),
-        "input_local_hidden_dropout": (config_dict.get("local_hidden_dropout"), "local_hidden_dropout"),
-        **per_channel,
-    }
-    return {key: value for key, value in values.items() if value[0] is not None}
-
-
-def _same(nested, expected, key: str, channels: int) -> bool:
-    if key in ("speech_vocab_size", "speech_zeroemb_idx"):
-        return _parse_per_channel(nested, channels, f"audio_config.{key}") == expected
-    if isinstance(expected, bool):
-        return bool(nested) == expected
-    if isinstance(expected, (int, float)) and isinstance(nested, (int, float)) and not isinstance(nested, bool):
-        return float(nested) == float(expected)
-    return nested == expected
-
-
-def _unrepeated_audio_config(config_dict: dict) -> dict:
-    """
-    Checks the values the nested `audio_config` repeats against the flat config (a contradiction is an error, since
-    the original silently uses the flat value) and returns the nested keys that repeat nothing.
-    """
-    nested = config_dict["audio_config"]
-    if not isinstance(nested, dict):
-        raise ValueError(f"The original config's `audio_config` must be a dict, got {type(nested).__name__}.")
-    repeated = _repeated_audio_config_values(config_dict)
-    channels = int(_original_value(config_dict, "audio_channels", 8))
-    for key, (expected, source) in repeated.items():
-        if key in nested and not _same(nested[key], expected, key, channels):
-            raise ValueError(
-                f"The original config contradicts itself: `audio_config.{key}`={nested[key]!r} but the model is built "
-                f"with {expected!r} (from `{source}`). Fix one of them in config.json."
-            )
-    return {key: value for key, value in nested.items() if key not in repeated}
-
-
-def _check_repeated_training_keys(config_dict: dict):
-    """Top-level keys the original never reads but that restate a value it does read must agree with it."""
-    rope_theta = config_dict.get("rope_theta")
-    local_base = config_dict.get("local_rotary_base")
-    if local_base is not None and rope_theta is not None and float(local_base) != float(rope_theta):
-        raise ValueError(
-            f"The original config contradicts itself: `local_rotary_base`={local_base!r} but the patch transformers "
-            f"use the backbone's `rope_theta`={rope_theta!r} (as the original code does). Fix one of them in config.json."
-        )
-    channels = int(_original_value(config_dict, "audio_channels", 8))
-    n_rvq = config_dict.get("n_rvq")
-    if n_rvq is not None and int(n_rvq) < channels:
-        raise ValueError(
-            f"The original config contradicts itself: `n_rvq`={n_rvq!r} codebooks but `audio_channels`={channels}."
-        )
-
-
-def _checked_layer_types(config_dict: dict) -> list[str]:
-    """The transformers-4.57 `layer_types` list, checked against the layer count and the sliding-window switch."""
-    layer_types = list(config_dict["layer_types"])
-    layers = config_dict.get("num_hidden_layers")
-    if layers is not None and len(layer_types) != int(layers):
-        raise ValueError(
-            f"The original config contradicts itself: `layer_types` has {len(layer_types)} entries but "
-            f"`num_hidden_layers` is {layers}."
-        )
-    if not config_dict.get("use_sliding_window") and set(layer_types) - {"full_attention"}:
-        raise ValueError(
-            f"The original config contradicts itself: `layer_types`={layer_types} but `use_sliding_window` is off."
-        )
-    return layer_types
-
-
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "_commit_hash")
 
 
@@ -542,56 +273,8 @@ def route_original_checkpoints_to_mimo_audio():
     AutoConfig.from_pretrained = classmethod(from_pretrained)
 
 
-def special_token_ids_from_vocab(token_to_id: dict[str, int]) -> dict[str, int]:
-    """Picks the config's special token ids (`empty_token_id`, ...) out of a token -> id mapping."""
-    return {field: token_to_id[token] for field, token in SPECIAL_TOKENS.items() if token in token_to_id}
-
-
-def read_special_token_ids(pretrained_model_name_or_path, **kwargs) -> dict[str, int]:
-    """
-    Reads the ids of MiMo-Audio's special tokens from the text tokenizer files of a checkpoint (`tokenizer.json`,
-    `added_tokens.json`, `tokenizer_config.json`). Tokens that are not found keep the config defaults (the released
-    model's ids).
-    """
-    token_to_id: dict[str, int] = {}
-    lookup = {
-        key: kwargs[key]
-        for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-        if kwargs.get(key) is not None
-    }
-
-    def resolve(filename):
-        if os.path.isdir(pretrained_model_name_or_path):
-            path = os.path.join(pretrained_model_name_or_path, lookup.get("subfolder", ""), filename)
-            return path if os.path.isfile(path) else None
-        return cached_file(
-            pretrained_model_name_or_path,
-            filename,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **lookup,
-        )
-
-    if path := resolve("tokenizer.json"):
-        with open(path, encoding="utf-8") as handle:
-            token_to_id.update({entry["content"]: entry["id"] for entry in json.load(handle).get("added_tokens", [])})
-    if path := resolve("added_tokens.json"):
-        with open(path, encoding="utf-8") as handle:
-            token_to_id.update(json.load(handle))
-    if path := resolve("tokenizer_config.json"):
-        with open(path, encoding="utf-8") as handle:
-            decoder = json.load(handle).get("added_tokens_decoder", {})
-        token_to_id.update({entry["content"]: int(index) for index, entry in decoder.items()})
-    found = special_token_ids_from_vocab(token_to_id)
-    missing = sorted(set(SPECIAL_TOKENS) - set(found))
-    if missing:
-        logger.info(f"Special tokens not found in the tokenizer files, using the released model's ids for {missing}.")
-    return found
-
-
 __all__ = [
     "MODEL_VARIANTS",
-    "V25_ASR_ARCHITECTURE",
     "MiMoAudioConfig",
     "MiMoAudioPatchEncoderConfig",
     "MiMoAudioPatchDecoderConfig",

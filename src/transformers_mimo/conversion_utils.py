@@ -1,4 +1,4 @@
-"""Safe output handling shared by the conversion scripts.
+"""Command-line plumbing shared by the conversion scripts (and the `--dtype` names of the `mimo-audio` command).
 
 A conversion never writes over its inputs and never leaves a half-written output: `check_output_dir` refuses an
 output directory that is, lies inside or links to an input directory (also with `--force`), and `staged_output_dir`
@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 
+# `--dtype` names of the conversion scripts and the `mimo-audio` command.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight files an earlier conversion may have left: replaced as a whole, so no stale shard survives.
 WEIGHT_FILE_PATTERN = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 EXIT_FAILURE = 1
@@ -167,6 +170,7 @@ def run_conversion(convert, *args, **kwargs):
 
 
 __all__ = [
+    "DTYPES",
     "OutputDirError",
     "check_output_dir",
     "move_into_place",

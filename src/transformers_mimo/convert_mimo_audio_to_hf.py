@@ -4,59 +4,41 @@ Hugging Face layout.
     python -m transformers_mimo.convert_mimo_audio_to_hf --input_dir MiMo-Audio-7B-Instruct (or MiMo-V2.5-ASR) \
         [--tokenizer_dir MiMo-Audio-Tokenizer] --output_dir mimo-audio-hf [--dtype bfloat16] [--force] [--verify]
 
-Writes `config.json` (`model_type: "mimo_audio"`), sharded safetensors with renamed keys, `generation_config.json`
-(the original's default sampling; greedy ASR for a MiMo-V2.5-ASR checkpoint), the text tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`,
-the converted audio tokenizer in `audio_tokenizer/`.
+Loads the original (`load_original_checkpoint`), saves it, and with `--verify` runs both on a sample
+(`verify_conversion`). Writes `config.json` (`model_type: "mimo_audio"`), sharded safetensors with renamed keys,
+`generation_config.json` (the original's default sampling; greedy ASR for a MiMo-V2.5-ASR checkpoint), the text
+tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`, the converted audio tokenizer in
+`audio_tokenizer/` (`convert_mimo_audio_tokenizer_to_hf`) and the processor files.
 """
 
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.utils import logging
 
-from .configuration_mimo_audio import (
-    MiMoAudioConfig,
+from .configuration_mimo_audio import MiMoAudioConfig
+from .conversion_mapping_mimo_audio import (
+    ORIGINAL_DROPPED_KEY_PATTERN,
+    SPECIAL_TOKENS,
     convert_original_config_dict,
     is_original_config_dict,
+    rename_original_key,
     special_token_ids_from_vocab,
 )
-from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
+from .conversion_utils import DTYPES, check_output_dir, run_conversion, staged_output_dir, write_model_card
 from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
-from .modeling_mimo_audio import ORIGINAL_CHECKPOINT_KEY_MAPPING, MiMoAudioForConditionalGeneration
+from .generation_mimo_audio import default_generation_config
+from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
 from .processing_mimo_audio import MiMoAudioProcessor
 
 
 logger = logging.get_logger(__name__)
-
-# Special tokens the original adds to the text tokenizer when they are missing (original mimo_audio.py).
-ORIGINAL_ADDED_TOKENS = (
-    "<|sosp|>",
-    "<|eosp|>",
-    "<|empty|>",
-    "<|Human|>",
-    "<|SpeechLM|>",
-    "<|sostm|>",
-    "<|eostm|>",
-    "<|eot|>",
-)
-# Non-persistent buffers that some original checkpoints carry; they are recomputed from the config.
-DROPPED_KEY_PATTERN = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def rename_original_key(key: str) -> str:
-    """Original checkpoint key -> key of `MiMoAudioForConditionalGeneration` (first matching rule; else unchanged)."""
-    for pattern, replacement in ORIGINAL_CHECKPOINT_KEY_MAPPING.items():
-        if re.search(pattern, key):
-            return re.sub(pattern, replacement, key, count=1)
-    return key
 
 
 def convert_state_dict_keys(
@@ -78,7 +60,7 @@ def convert_state_dict_keys(
     """
     renames, dropped = {}, []
     for key in original_shapes:
-        if DROPPED_KEY_PATTERN.search(key):
+        if ORIGINAL_DROPPED_KEY_PATTERN.search(key):
             dropped.append(key)
         else:
             renames[key] = rename_original_key(key)
@@ -137,40 +119,10 @@ def load_text_tokenizer(input_dir: Path):
     """Loads the original text tokenizer and adds MiMo-Audio's missing special tokens, as the original does."""
     tokenizer = AutoTokenizer.from_pretrained(str(input_dir))
     vocab = tokenizer.get_vocab()
-    missing = [token for token in ORIGINAL_ADDED_TOKENS if token not in vocab]
+    missing = [token for token in SPECIAL_TOKENS.values() if token not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     return tokenizer
-
-
-def default_generation_config(config: MiMoAudioConfig, tokenizer) -> GenerationConfig:
-    """The original's default sampling: text top-k 50 / top-p 0.95 / temperature 0.6, audio top-p 0.95 /
-    temperature 0.9; stops at end-of-text, `<|im_end|>` and `<|eostm|>`; returns the text and audio sequences
-    (`return_dict_in_generate`). No length is stored, so `max_new_tokens` never clashes with a stored `max_length`;
-    without one, `generate` stops at the context length (8192 positions, the original's limit).
-
-    A MiMo-V2.5-ASR checkpoint gets that release's ASR settings instead: greedy text, audio as above (used only if
-    the model emits `<|empty|>`), stops at end-of-text and `<|im_end|>`."""
-    asr_only = config.model_variant == "mimo-v2.5-asr"
-    eos_ids = [config.im_end_token_id] if asr_only else [config.im_end_token_id, config.eostm_token_id]
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        eos_ids.insert(0, tokenizer.eos_token_id)
-    text_sampling = (
-        {"do_sample": False} if asr_only else {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
-    )
-    generation_config = GenerationConfig(
-        **text_sampling,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
-        audio_do_sample=True,
-        audio_temperature=0.9,
-        audio_top_p=0.95,
-        audio_top_k=None,
-        return_dict_in_generate=True,
-    )
-    # Keep the audio_* keys when the file is read back (configs "from the model config" drop unknown keys).
-    generation_config._from_model_config = False
-    return generation_config
 
 
 def verify_conversion(input_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> float:
@@ -202,35 +154,22 @@ def verify_conversion(input_dir: str | Path, output_dir: str | Path, dtype: str 
     return max(differences)
 
 
-def convert(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    dtype: str | None = None,
-    force: bool = False,
-    max_shard_size: str = "5GB",
-    verify: bool = False,
-) -> Path:
+def load_original_checkpoint(input_dir: Path, dtype: str | None = None):
     """
-    Converts the checkpoint in `input_dir` into `output_dir`; returns `output_dir`. See the module docstring. With
-    `verify`, both checkpoints are run on a sample afterwards and must give identical logits (`verify_conversion`).
+    Loads an original MiMo-Audio checkpoint directory with its text tokenizer, translated with the tables of
+    `conversion_mapping_mimo_audio` (the ones `from_pretrained` uses on an original directory). Unlike
+    `from_pretrained`, every tensor keeps its stored dtype unless `dtype` is given, the text tokenizer gets the special
+    tokens it lacks (as the original adds them; the config takes their ids), a stored rotary buffer is dropped only
+    after checking its values, and every missing, unexpected or mis-shaped tensor is named before any is read.
 
-    `output_dir` may not be, lie inside or link to `input_dir` or `tokenizer_dir` (also with `force`). Everything is
-    written into a temporary directory next to it and moved in only when the conversion (and the verification)
-    succeeded, so a failure leaves no partial output. With `force`, a non-empty `output_dir` receives the new files;
-    only the files this conversion writes (and the weight files of an earlier conversion) are replaced.
+    Args:
+        input_dir (`Path`): the original directory (`config.json`, safetensors weights, text tokenizer files).
+        dtype (`str`, *optional*): `"float32"`, `"bfloat16"` or `"float16"` to cast the weights to.
+
+    Returns:
+        `(model, tokenizer)`: a [`MiMoAudioForConditionalGeneration`] with the original's default generation config,
+        and the text tokenizer (`None` when the directory has none).
     """
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"--input_dir {str(input_dir)!r} is not a directory.")
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise FileNotFoundError(f"--tokenizer_dir {str(tokenizer_dir)!r} is not a directory.")
-    check_output_dir(
-        output_dir,
-        {"--input_dir": input_dir, "--tokenizer_dir": tokenizer_dir},
-        force,
-        written_subdirs=("audio_tokenizer",),
-    )
     config_path = input_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: --input_dir must be an original MiMo-Audio checkpoint.")
@@ -276,6 +215,39 @@ def convert(
     stored_dtypes = {tensor.dtype for tensor in state_dict.values()}
     model.config.dtype = target_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else None)
     model.generation_config = default_generation_config(config, tokenizer)
+    return model, tokenizer
+
+
+def convert(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_size: str = "5GB",
+    verify: bool = False,
+) -> Path:
+    """
+    Converts the checkpoint in `input_dir` into `output_dir`; returns `output_dir`. See the module docstring. With
+    `verify`, both checkpoints are run on a sample afterwards and must give identical logits (`verify_conversion`).
+
+    `output_dir` may not be, lie inside or link to `input_dir` or `tokenizer_dir` (also with `force`). Everything is
+    written into a temporary directory next to it and moved in only when the conversion (and the verification)
+    succeeded, so a failure leaves no partial output. With `force`, a non-empty `output_dir` receives the new files;
+    only the files this conversion writes (and the weight files of an earlier conversion) are replaced.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"--input_dir {str(input_dir)!r} is not a directory.")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"--tokenizer_dir {str(tokenizer_dir)!r} is not a directory.")
+    check_output_dir(
+        output_dir,
+        {"--input_dir": input_dir, "--tokenizer_dir": tokenizer_dir},
+        force,
+        written_subdirs=("audio_tokenizer",),
+    )
+    model, tokenizer = load_original_checkpoint(input_dir, dtype)
 
     # Everything is written next to `output_dir` and moved into place only once complete (and verified, when asked).
     with staged_output_dir(output_dir) as staging:

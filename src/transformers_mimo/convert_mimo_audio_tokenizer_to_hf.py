@@ -9,13 +9,13 @@ layout. The output directory holds:
 - `preprocessor_config.json`: the matching [`MiMoAudioFeatureExtractor`].
 
 Every original tensor is either converted or listed as deliberately unused (the codebooks' EMA training state and
-the ISTFT window, see `ORIGINAL_IGNORED_KEYS`); a missing, unexpected or mis-shaped tensor stops the conversion
+the ISTFT window, see `ORIGINAL_TOKENIZER_IGNORED_KEYS`); a missing, unexpected or mis-shaped tensor stops the conversion
 before anything is written.
 
 Usage:
 
 ```bash
-python conversion/convert_mimo_audio_tokenizer_to_hf.py \
+python -m transformers_mimo.convert_mimo_audio_tokenizer_to_hf \
     --input_dir MiMo-Audio-Tokenizer --output_dir mimo-audio-tokenizer-hf [--dtype bfloat16] [--force] [--verify]
 ```
 """
@@ -33,16 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
-from .conversion_utils import check_output_dir, run_conversion, staged_output_dir, write_model_card
-from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
-from .modeling_mimo_audio_tokenizer import (
-    ORIGINAL_KEY_RENAMES,
-    MiMoAudioTokenizerModel,
-    convert_original_state_dict,
+from .conversion_mapping_mimo_audio import (
+    ORIGINAL_TOKENIZER_WINDOW_KEY,
+    check_original_istft_window,
+    is_ignored_original_tokenizer_key,
+    rename_original_tokenizer_key,
 )
+from .conversion_utils import DTYPES, check_output_dir, run_conversion, staged_output_dir, write_model_card
+from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -128,16 +129,49 @@ def _read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def convert_original_state_dict(
+    state_dict: dict[str, torch.Tensor], config: MiMoAudioTokenizerConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Translates an original MiMo-Audio-Tokenizer state dict into the layout of [`MiMoAudioTokenizerModel`].
+
+    Returns `(converted_state_dict, ignored_keys)`; `ignored_keys` lists the original tensors that are deliberately
+    not used (see `ORIGINAL_TOKENIZER_IGNORED_KEYS`). Raises `ValueError` when a tensor is missing, unexpected or of
+    the wrong shape, or when the stored ISTFT window is not the periodic Hann window the model rebuilds. Keys already
+    in our layout pass through unchanged.
+    """
+    ignored_keys, converted = [], {}
+    for key, tensor in state_dict.items():
+        if is_ignored_original_tokenizer_key(key):
+            if key == ORIGINAL_TOKENIZER_WINDOW_KEY:
+                check_original_istft_window(tensor, config.nfft)
+            ignored_keys.append(key)
+            continue
+        new_key = rename_original_tokenizer_key(key)
+        if new_key in converted:
+            raise ValueError(f"Two checkpoint tensors map to `{new_key}`.")
+        converted[new_key] = tensor
+
+    with torch.device("meta"):
+        expected = MiMoAudioTokenizerModel(config).state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    mismatched = sorted(
+        f"{key}: checkpoint {tuple(converted[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(converted)
+        if converted[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "The checkpoint does not match the MiMo-Audio tokenizer configuration: "
+            f"missing tensors {missing}, unexpected tensors {unexpected}, shape mismatches {mismatched}."
+        )
+    return converted, sorted(ignored_keys)
+
+
 def _renamed_keys(original: dict[str, torch.Tensor], ignored_keys: list[str]) -> dict[str, str]:
     """Original key -> new key, for the converted tensors whose name changes."""
-    renamed = {}
-    for key in sorted(set(original) - set(ignored_keys)):
-        new_key = key
-        for pattern, replacement in ORIGINAL_KEY_RENAMES:
-            new_key = re.sub(pattern, replacement, new_key)
-        if new_key != key:
-            renamed[key] = new_key
-    return renamed
+    renamed = {key: rename_original_tokenizer_key(key) for key in sorted(set(original) - set(ignored_keys))}
+    return {key: new_key for key, new_key in renamed.items() if new_key != key}
 
 
 def _verify(input_dir: Path, output_dir: Path, dtype: torch.dtype | None, seconds: float = 2.0) -> dict[str, float]:

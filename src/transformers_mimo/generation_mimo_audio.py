@@ -65,6 +65,43 @@ MIMO_AUDIO_GENERATION_DEFAULTS = {
     "compile": None,
 }
 
+# The original's default sampling (`MimoAudio`'s default samplers): text top-k 50 / top-p 0.95 / temperature 0.6,
+# audio top-p 0.95 / temperature 0.9. The per-task settings (`TASK_GENERATION` of the processor) start from these.
+ORIGINAL_TEXT_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
+ORIGINAL_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_p": 0.95}
+
+
+def default_generation_config(config, tokenizer=None) -> GenerationConfig:
+    """
+    The generation config a converted checkpoint stores, and the one used for an original checkpoint (which stores
+    none): the original's default sampling (`ORIGINAL_TEXT_SAMPLING`, `ORIGINAL_AUDIO_SAMPLING`, no audio top-k); stops
+    at end-of-text, `<|im_end|>` and `<|eostm|>`; returns the text and audio sequences (`return_dict_in_generate`). No
+    length is stored, so `max_new_tokens` never clashes with a stored `max_length`; without one, `generate` stops at the
+    context length (8192 positions, the original's limit).
+
+    A MiMo-V2.5-ASR checkpoint (`config.model_variant == "mimo-v2.5-asr"`) gets that release's ASR settings instead:
+    greedy text, audio as above (used only if the model emits `<|empty|>`), stops at end-of-text and `<|im_end|>`.
+
+    Args:
+        config ([`MiMoAudioConfig`]): the model's config (special token ids, `model_variant`).
+        tokenizer (*optional*): the text tokenizer, for the end-of-text and pad ids.
+    """
+    asr_only = config.model_variant == "mimo-v2.5-asr"
+    eos_ids = [config.im_end_token_id] if asr_only else [config.im_end_token_id, config.eostm_token_id]
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos_ids.insert(0, tokenizer.eos_token_id)
+    generation_config = GenerationConfig(
+        **({"do_sample": False} if asr_only else ORIGINAL_TEXT_SAMPLING),
+        **ORIGINAL_AUDIO_SAMPLING,
+        audio_top_k=None,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
+        return_dict_in_generate=True,
+    )
+    # Keep the audio_* keys when the file is read back (configs "from the model config" drop unknown keys).
+    generation_config._from_model_config = False
+    return generation_config
+
 
 @dataclass
 class MiMoAudioGenerateOutput(GenerateDecoderOnlyOutput):

@@ -23,7 +23,8 @@ from transformers.utils import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_mimo_audio import MiMoAudioConfig, is_original_config_dict
+from .configuration_mimo_audio import MiMoAudioConfig
+from .conversion_mapping_mimo_audio import is_original_config_dict
 from .generation_mimo_audio import MiMoAudioGenerationMixin
 from .quantization_mimo_audio import (
     UNQUANTIZED_MODULES,
@@ -966,16 +967,3 @@ __all__ = [
     "MiMoAudioLogProbs",
     "compute_logprobs",
 ]
-
-
-# Original checkpoint key (regex) -> key of `MiMoAudioForConditionalGeneration` (original names on the left).
-ORIGINAL_CHECKPOINT_KEY_MAPPING = {
-    r"^model\.(?!language_model\.|audio_embeddings\.|patch_encoder\.)": "model.language_model.",
-    r"^speech_embeddings\.": "model.audio_embeddings.",
-    r"^input_local_transformer\.": "model.patch_encoder.",
-    r"^speech_group_downcast\.": "model.patch_encoder.proj.",
-    r"^hidden_states_downcast\.": "patch_decoder.input_proj.",
-    r"^speech_embeddings_to_local\.": "patch_decoder.embeddings_proj.",
-    r"^local_transformer_lm_heads\.": "patch_decoder.heads.",
-    r"^local_transformer\.": "patch_decoder.",
-}

@@ -6,7 +6,6 @@ window (`*_attn_window_size`) is computed block by block, so its memory grows li
 """
 
 import json
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -20,34 +19,19 @@ from transformers.modeling_utils import PreTrainedAudioTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
-
-
-# Original checkpoint layout -> ours (regex, replacement). Everything else keeps its original name.
-ORIGINAL_KEY_RENAMES = (
-    (r"^encoder\.quantizer\.vq\.layers\.(\d+)\._codebook\.embed$", r"quantizer.layers.\1.embed"),
-    (r"^encoder\.down_sample_layer\.0\.weight$", r"encoder.down_sample_layer.weight"),
+from .conversion_mapping_mimo_audio import (
+    ORIGINAL_TOKENIZER_IGNORED_KEYS,
+    ORIGINAL_TOKENIZER_KEY_MAPPING,
+    ORIGINAL_TOKENIZER_WINDOW_KEY,
+    check_original_istft_window,
+    is_original_tokenizer_key,
 )
-ORIGINAL_WINDOW_KEY = "decoder.vocoder.head.istft.window"
-# Original tensors we do not load: the codebooks' EMA training state (`cluster_size`, `embed_avg`, `inited`) is unused
-# at inference, and the ISTFT window is a periodic Hann window that we rebuild in float32.
-ORIGINAL_IGNORED_KEYS = (
-    r"^encoder\.quantizer\.vq\.layers\.\d+\._codebook\.(cluster_size|embed_avg|inited)$",
-    rf"^{re.escape(ORIGINAL_WINDOW_KEY)}$",
-)
-
-
-def _check_hann_window(window: torch.Tensor, nfft: int):
-    """Raises `ValueError` unless `window` is the periodic Hann window of length `nfft` that the model rebuilds."""
-    hann = torch.hann_window(nfft, dtype=torch.float32)
-    # atol covers bf16 checkpoints, which store the window rounded to bf16.
-    if window.shape != hann.shape or not torch.allclose(window.float().cpu(), hann, atol=4e-3):
-        raise ValueError(f"`{ORIGINAL_WINDOW_KEY}` is not a periodic Hann window of length {nfft}.")
 
 
 def _original_checkpoint_window(pretrained_model_name_or_path, hub_kwargs: dict) -> tuple[bool, torch.Tensor | None]:
     """
-    Whether the safetensors checkpoint is in the original layout (its keys need `ORIGINAL_KEY_RENAMES`), and the ISTFT
-    window it stores (`None` where there is none).
+    Whether the safetensors checkpoint is in the original layout (its keys need `ORIGINAL_TOKENIZER_KEY_MAPPING`), and
+    the ISTFT window it stores (`None` where there is none).
     """
     hub_kwargs = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
     index = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_INDEX_NAME, **hub_kwargs)
@@ -63,55 +47,10 @@ def _original_checkpoint_window(pretrained_model_name_or_path, hub_kwargs: dict)
             continue
         with safe_open(path, framework="pt") as checkpoint:
             keys = list(checkpoint.keys())
-            is_original |= any(re.match(pattern, key) for pattern, _ in ORIGINAL_KEY_RENAMES for key in keys)
-            if ORIGINAL_WINDOW_KEY in keys:
-                window = checkpoint.get_tensor(ORIGINAL_WINDOW_KEY)
+            is_original |= any(is_original_tokenizer_key(key) for key in keys)
+            if ORIGINAL_TOKENIZER_WINDOW_KEY in keys:
+                window = checkpoint.get_tensor(ORIGINAL_TOKENIZER_WINDOW_KEY)
     return is_original, window
-
-
-def _rename_original_key(key: str) -> str:
-    for pattern, replacement in ORIGINAL_KEY_RENAMES:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def convert_original_state_dict(
-    state_dict: dict[str, torch.Tensor], config: MiMoAudioTokenizerConfig
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Translates an original MiMo-Audio-Tokenizer state dict into the layout of [`MiMoAudioTokenizerModel`].
-
-    Returns `(converted_state_dict, ignored_keys)`; `ignored_keys` lists the original tensors that are deliberately
-    not used (see `ORIGINAL_IGNORED_KEYS`). Raises `ValueError` when a tensor is missing, unexpected or of the wrong
-    shape, or when the stored ISTFT window is not the periodic Hann window the model rebuilds. Keys already in our
-    layout pass through unchanged.
-    """
-    ignored_keys, converted = [], {}
-    for key, tensor in state_dict.items():
-        if any(re.match(pattern, key) for pattern in ORIGINAL_IGNORED_KEYS):
-            if key == ORIGINAL_WINDOW_KEY:
-                _check_hann_window(tensor, config.nfft)
-            ignored_keys.append(key)
-            continue
-        new_key = _rename_original_key(key)
-        if new_key in converted:
-            raise ValueError(f"Two checkpoint tensors map to `{new_key}`.")
-        converted[new_key] = tensor
-
-    with torch.device("meta"):
-        expected = MiMoAudioTokenizerModel(config).state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    mismatched = sorted(
-        f"{key}: checkpoint {tuple(converted[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(expected) & set(converted)
-        if converted[key].shape != expected[key].shape
-    )
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            "The checkpoint does not match the MiMo-Audio tokenizer configuration: "
-            f"missing tensors {missing}, unexpected tensors {unexpected}, shape mismatches {mismatched}."
-        )
-    return converted, sorted(ignored_keys)
 
 
 @dataclass
@@ -669,8 +608,8 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     input_modalities = ("audio",)
     _supports_sdpa = True
     _no_split_modules = ["MiMoAudioTokenizerTransformerLayer"]
-    # Deliberately unused tensors of original checkpoints (see `ORIGINAL_IGNORED_KEYS`).
-    _keys_to_ignore_on_load_unexpected = list(ORIGINAL_IGNORED_KEYS)
+    # Deliberately unused tensors of original checkpoints (see `ORIGINAL_TOKENIZER_IGNORED_KEYS`).
+    _keys_to_ignore_on_load_unexpected = list(ORIGINAL_TOKENIZER_IGNORED_KEYS)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -683,7 +622,7 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """
         Loads a directory saved by this class or an ORIGINAL MiMo-Audio-Tokenizer directory (keys are renamed on load,
-        see `ORIGINAL_KEY_RENAMES`).
+        see `ORIGINAL_TOKENIZER_KEY_MAPPING`).
 
         This package's layout follows Transformers: missing weights are initialised and reported with unexpected ones
         (a warning, and `output_loading_info=True`). Loading an original checkpoint is a conversion: there, a missing,
@@ -692,7 +631,7 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
-        key_mapping = dict(ORIGINAL_KEY_RENAMES)
+        key_mapping = dict(ORIGINAL_TOKENIZER_KEY_MAPPING)
         key_mapping.update(kwargs.pop("key_mapping", None) or {})
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, output_loading_info=True, **kwargs
@@ -708,7 +647,7 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
                     f"Original checkpoint {pretrained_model_name_or_path} does not match the model: {problems}"
                 )
         if window is not None:
-            _check_hann_window(window, model.config.nfft)
+            check_original_istft_window(window, model.config.nfft)
         # The renaming only translates original checkpoints; `save_pretrained` must write our own layout.
         model._weight_conversions = []
         return (model, loading_info) if output_loading_info else model
@@ -982,5 +921,4 @@ __all__ = [
     "MiMoAudioTokenizerStreamingCache",
     "MiMoAudioTokenizerStreamingDecoderOutput",
     "MiMoAudioTokenizerOutput",
-    "convert_original_state_dict",
 ]

@@ -29,8 +29,10 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpa
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
 from .audio_utils import resample_waveform
-from .configuration_mimo_audio import MODEL_VARIANTS, MiMoAudioConfig
+from .configuration_mimo_audio import MODEL_VARIANTS, MiMoAudioConfig, default_audio_empty_ids
+from .conversion_mapping_mimo_audio import CHAT_TOKENS, SPECIAL_TOKENS
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
+from .generation_mimo_audio import ORIGINAL_AUDIO_SAMPLING, ORIGINAL_TEXT_SAMPLING
 from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
 
@@ -42,19 +44,6 @@ __all__ = ["MiMoAudioDecodedOutput", "MiMoAudioProcessor"]
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompt layouts: the only place that knows how MiMo-Audio prompts look.
 # ----------------------------------------------------------------------------------------------------------------------
-
-# Tokens the original adds to the text tokenizer when they are missing (attribute name -> token).
-SPECIAL_TOKENS = {
-    "sosp_token": "<|sosp|>",  # start of an input speech segment
-    "eosp_token": "<|eosp|>",  # end of an input speech segment
-    "empty_token": "<|empty|>",  # text channel of an audio patch
-    "human_token": "<|Human|>",
-    "speechlm_token": "<|SpeechLM|>",
-    "sostm_token": "<|sostm|>",  # start of the assistant speech stream
-    "eostm_token": "<|eostm|>",  # end of the assistant speech stream
-    "eot_token": "<|eot|>",  # end of the text inside the speech stream
-}
-CHAT_TOKENS = {"im_start_token": "<|im_start|>", "im_end_token": "<|im_end|>"}
 
 TURN_START = "<|im_start|>{role}\n"
 TURN_END = "<|im_end|>\n"
@@ -124,15 +113,16 @@ MAX_CODEC_QUANTIZERS = 20
 
 # How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
 # `task_sampler_configs`): stop tokens besides end-of-text, and text / audio sampling. Every task of the original
-# samples audio at temperature 0.9 with top-p 0.95. Speech continuation has no builder in the original: it ends where
-# the open speech segment would be closed, at `<|eosp|>`, and samples with the original's defaults for other tasks.
-# A top-k of 0 is "no top-k" (None would be filled in from a checkpoint's stored generation config).
-_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": 0, "audio_top_p": 0.95}
+# samples audio with its default (`ORIGINAL_AUDIO_SAMPLING`: temperature 0.9, top-p 0.95). Speech continuation has no
+# builder in the original: it ends where the open speech segment would be closed, at `<|eosp|>`, and samples with the
+# original's defaults for other tasks (`ORIGINAL_TEXT_SAMPLING`, audio top-k 50). A top-k of 0 is "no top-k" (None
+# would be filled in from a checkpoint's stored generation config).
+_AUDIO_SAMPLING = {**ORIGINAL_AUDIO_SAMPLING, "audio_top_k": 0}
 _GREEDY_TEXT = {"do_sample": False}
 
 
-def _text_sampling(temperature: float, top_p: float, top_k: int = 0) -> dict:
-    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+def _text_sampling(temperature: float, top_p: float) -> dict:
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
 
 
 TASK_GENERATION = {
@@ -145,8 +135,8 @@ TASK_GENERATION = {
     "in_context_learning": (("eostm_token",), _GREEDY_TEXT, _AUDIO_SAMPLING),
     "speech_continuation": (
         ("eosp_token",),
-        _text_sampling(0.6, 0.95, top_k=50),
-        {**_AUDIO_SAMPLING, "audio_top_k": 50},
+        ORIGINAL_TEXT_SAMPLING,
+        {**ORIGINAL_AUDIO_SAMPLING, "audio_top_k": 50},
     ),
 }
 
@@ -521,7 +511,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         if model_variant not in MODEL_VARIANTS:
             raise ValueError(f"`model_variant` must be one of {list(MODEL_VARIANTS)}, got {model_variant!r}.")
         if audio_empty_ids is None:
-            audio_empty_ids = ([1024, 1024] + [128] * audio_channels)[:audio_channels]
+            audio_empty_ids = default_audio_empty_ids(audio_channels)
         if group_size < 1 or audio_channels < 1:
             raise ValueError(f"`group_size` ({group_size}) and `audio_channels` ({audio_channels}) must be positive.")
         if len(audio_empty_ids) != audio_channels:
