@@ -1,7 +1,4 @@
-"""Converts an original MiMo-Audio checkpoint (LM, optionally its audio tokenizer) to the Hugging Face layout.
-
-Thin wrapper around `transformers_mimo.convert_mimo_audio_to_hf`; run with `--help` for the options.
-"""
+"""`python conversion/convert_mimo_audio_to_hf.py ARGS` = `mimo-audio convert lm ARGS` (see docs/conversion.md)."""
 
 from transformers_mimo.convert_mimo_audio_to_hf import main
 

@@ -60,15 +60,13 @@ _DEFAULT_AUDIO_LOSS_WEIGHTS = [12.0, 8.0, 6.0, 4.0, 2.0, 2.0, 1.0, 1.0]
 
 
 @strict
-class MiMoAudioPatchEncoderConfig(Qwen2Config):
+class MiMoAudioPatchTransformerConfig(Qwen2Config):
     r"""
-    Configuration of the MiMo-Audio patch encoder: a stack of Qwen2 decoder layers (no embedding table) that mixes
-    the `group_size` frames of one audio patch. Whether it attends bidirectionally inside a patch is set by
-    [`MiMoAudioConfig.input_full_attention`].
+    The fields and defaults shared by [`MiMoAudioPatchEncoderConfig`] and [`MiMoAudioPatchDecoderConfig`]: a stack of
+    Qwen2 decoder layers without an embedding table (`vocab_size` 0), 64 heads of dim `hidden_size //
+    num_attention_heads` (the original's split), RoPE theta 640000 like the backbone. Not used on its own.
     """
 
-    model_type = "mimo_audio_patch_encoder"
-    base_config_key = "patch_encoder_config"
     default_theta = 640000.0
 
     vocab_size: int = 0
@@ -88,30 +86,29 @@ class MiMoAudioPatchEncoderConfig(Qwen2Config):
 
 
 @strict
-class MiMoAudioPatchDecoderConfig(Qwen2Config):
+class MiMoAudioPatchEncoderConfig(MiMoAudioPatchTransformerConfig):
+    r"""
+    Configuration of the MiMo-Audio patch encoder: a stack of Qwen2 decoder layers (no embedding table) that mixes
+    the `group_size` frames of one audio patch. Whether it attends bidirectionally inside a patch is set by
+    [`MiMoAudioConfig.input_full_attention`]. The defaults give the released model's (6 layers).
+    """
+
+    model_type = "mimo_audio_patch_encoder"
+    base_config_key = "patch_encoder_config"
+
+
+@strict
+class MiMoAudioPatchDecoderConfig(MiMoAudioPatchTransformerConfig):
     r"""
     Configuration of the MiMo-Audio patch decoder: a causal stack of Qwen2 decoder layers (no embedding table) that
-    produces the codes of one audio patch from a backbone hidden state, with one output head per codebook.
+    produces the codes of one audio patch from a backbone hidden state, with one output head per codebook. The
+    defaults give the released model's (16 layers).
     """
 
     model_type = "mimo_audio_patch_decoder"
     base_config_key = "patch_decoder_config"
-    default_theta = 640000.0
 
-    vocab_size: int = 0
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
     num_hidden_layers: int = 16
-    num_attention_heads: int = 64
-    num_key_value_heads: int | None = 64
-    head_dim: int | None = None
-    max_position_embeddings: int = 8192
-    attention_dropout: float | int = 0.1
-
-    def __post_init__(self, **kwargs):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        super().__post_init__(**kwargs)
 
 
 @strict

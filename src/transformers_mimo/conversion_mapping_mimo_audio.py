@@ -196,26 +196,23 @@ def convert_original_config_dict(config_dict: dict, special_token_ids: dict[str,
     heads = int(config_dict.get("local_attn_heads", 64))
     dropout = config_dict.get("local_attn_dropout", 0.1)
     encoder_dim = int(config_dict.get("input_local_dim") or local_dim)
-    patch_decoder_config = {
-        **inherited,
-        "hidden_size": local_dim,
-        "num_hidden_layers": int(config_dict.get("local_layers", 16)),
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "head_dim": local_dim // heads,
-        "intermediate_size": int(config_dict.get("local_ffn_dim", 4096)),
-        "attention_dropout": dropout,
-    }
-    patch_encoder_config = {
-        **inherited,
-        "hidden_size": encoder_dim,
-        "num_hidden_layers": int(config_dict.get("input_local_layers", 6)),
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "head_dim": encoder_dim // heads,
-        "intermediate_size": 4 * encoder_dim,
-        "attention_dropout": dropout,
-    }
+
+    def patch_config(width: int, layers: int, intermediate_size: int) -> dict:
+        return {
+            **inherited,
+            "hidden_size": width,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "head_dim": width // heads,
+            "intermediate_size": intermediate_size,
+            "attention_dropout": dropout,
+        }
+
+    patch_decoder_config = patch_config(
+        local_dim, int(config_dict.get("local_layers", 16)), int(config_dict.get("local_ffn_dim", 4096))
+    )
+    patch_encoder_config = patch_config(encoder_dim, int(config_dict.get("input_local_layers", 6)), 4 * encoder_dim)
     converted = {
         "model_type": "mimo_audio",
         "architectures": ["MiMoAudioForConditionalGeneration"],

@@ -7,6 +7,7 @@ writes everything into a temporary directory next to the target, which is moved 
 the weight files of an earlier conversion (`model.safetensors`, its shards and index); every other file stays.
 """
 
+import argparse
 import os
 import re
 import shutil
@@ -78,6 +79,28 @@ def check_output_dir(
                 f"--output_dir {str(output_dir)!r} exists and is not empty; pass --force to replace the files the "
                 "conversion writes (other files are kept)."
             )
+
+
+def conversion_argument_parser(description: str, checkpoint: str) -> argparse.ArgumentParser:
+    """
+    The arguments every conversion script takes: `--input_dir` (the original `checkpoint` directory), `--output_dir`,
+    `--dtype`, `--force` and `--verify`. A script adds its own (e.g. `--tokenizer_dir`) to the parser returned.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", required=True, help=f"original {checkpoint} checkpoint directory")
+    parser.add_argument("--output_dir", required=True, help="where to write the converted checkpoint")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: keep their dtype)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --output_dir, replacing only the files the conversion writes",
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="run the original and the converted checkpoint on a sample and compare"
+    )
+    return parser
 
 
 @contextmanager
@@ -173,6 +196,7 @@ __all__ = [
     "DTYPES",
     "OutputDirError",
     "check_output_dir",
+    "conversion_argument_parser",
     "move_into_place",
     "run_conversion",
     "staged_output_dir",

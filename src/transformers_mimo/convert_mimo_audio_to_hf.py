@@ -11,7 +11,6 @@ tokenizer with MiMo-Audio's special tokens, and, with `--tokenizer_dir`, the con
 `audio_tokenizer/` (`convert_mimo_audio_tokenizer_to_hf`) and the processor files.
 """
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -31,7 +30,14 @@ from .conversion_mapping_mimo_audio import (
     rename_original_key,
     special_token_ids_from_vocab,
 )
-from .conversion_utils import DTYPES, check_output_dir, run_conversion, staged_output_dir, write_model_card
+from .conversion_utils import (
+    DTYPES,
+    check_output_dir,
+    conversion_argument_parser,
+    run_conversion,
+    staged_output_dir,
+    write_model_card,
+)
 from .convert_mimo_audio_tokenizer_to_hf import convert_mimo_audio_tokenizer_checkpoint
 from .generation_mimo_audio import default_generation_config
 from .modeling_mimo_audio import MiMoAudioForConditionalGeneration
@@ -285,31 +291,11 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", required=True, help="Original MiMo-Audio LM checkpoint directory.")
-    parser.add_argument("--tokenizer_dir", default=None, help="Original MiMo-Audio-Tokenizer directory (optional).")
-    parser.add_argument("--output_dir", required=True, help="Where to write the converted checkpoint.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Cast weights (default: keep).")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="Write into a non-empty output directory, replacing only the files the conversion writes.",
-    )
-    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard (default 5GB).")
-    parser.add_argument(
-        "--verify", action="store_true", help="Run the original and the converted checkpoint on a sample and compare."
-    )
+    parser = conversion_argument_parser(__doc__, "MiMo-Audio (or MiMo-V2.5-ASR) language model")
+    parser.add_argument("--tokenizer_dir", default=None, help="original MiMo-Audio-Tokenizer directory (optional)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
     args = parser.parse_args(argv)
-    output_dir = run_conversion(
-        convert,
-        args.input_dir,
-        args.output_dir,
-        tokenizer_dir=args.tokenizer_dir,
-        dtype=args.dtype,
-        force=args.force,
-        max_shard_size=args.max_shard_size,
-        verify=args.verify,
-    )
+    output_dir = run_conversion(convert, **vars(args))  # the options are `convert`'s arguments
     print(f"Converted {args.input_dir} -> {output_dir}")
 
 

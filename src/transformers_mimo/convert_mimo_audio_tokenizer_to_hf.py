@@ -20,7 +20,6 @@ python -m transformers_mimo.convert_mimo_audio_tokenizer_to_hf \
 ```
 """
 
-import argparse
 import json
 import math
 import re
@@ -39,7 +38,14 @@ from .conversion_mapping_mimo_audio import (
     is_ignored_original_tokenizer_key,
     rename_original_tokenizer_key,
 )
-from .conversion_utils import DTYPES, check_output_dir, run_conversion, staged_output_dir, write_model_card
+from .conversion_utils import (
+    DTYPES,
+    check_output_dir,
+    conversion_argument_parser,
+    run_conversion,
+    staged_output_dir,
+    write_model_card,
+)
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
 
@@ -287,29 +293,10 @@ def convert_mimo_audio_tokenizer_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input_dir", required=True, help="original MiMo-Audio-Tokenizer checkpoint directory")
-    parser.add_argument("--output_dir", required=True, help="where to write the Hugging Face directory")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point weights (default: keep their dtype)"
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="write into a non-empty --output_dir, replacing only the files the conversion writes",
-    )
-    parser.add_argument(
-        "--verify", action="store_true", help="run original and converted models on a sample and compare"
-    )
+    parser = conversion_argument_parser(__doc__.split("\n\n")[0], "MiMo-Audio-Tokenizer")
     args = parser.parse_args(argv)
-    summary = run_conversion(
-        convert_mimo_audio_tokenizer_checkpoint,
-        args.input_dir,
-        args.output_dir,
-        dtype=args.dtype,
-        force=args.force,
-        verify=args.verify,
-    )
+    # The options are `convert_mimo_audio_tokenizer_checkpoint`'s arguments.
+    summary = run_conversion(convert_mimo_audio_tokenizer_checkpoint, **vars(args))
     print(summary)
 
 
