@@ -101,7 +101,8 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """
         Saves in this package's layout (`model.language_model.*`, `patch_decoder.*`, ...), not the original's. The
-        generation config is written as a standalone one, so its `audio_*` sampling keys survive the reload.
+        generation config is written as a standalone one, so its `audio_*` sampling keys survive the reload. 4-bit
+        weights that bitsandbytes repacked for its CPU kernel are unpacked first (`unpack_bnb_cpu_4bit_weights`).
         """
         if self.can_generate():
             self.generation_config._from_model_config = False
