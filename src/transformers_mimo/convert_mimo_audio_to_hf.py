@@ -131,35 +131,6 @@ def load_text_tokenizer(input_dir: Path):
     return tokenizer
 
 
-def verify_conversion(input_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> float:
-    """
-    Loads the original directory (translated on load) and the converted one, runs both on a short sample with text
-    and two audio patches, and returns the largest absolute difference of the text and patch decoder logits.
-    """
-    torch_dtype = DTYPES[dtype] if dtype is not None else "auto"
-    original = MiMoAudioForConditionalGeneration.from_pretrained(str(input_dir), dtype=torch_dtype).eval()
-    converted = MiMoAudioForConditionalGeneration.from_pretrained(str(output_dir), dtype=torch_dtype).eval()
-    config = converted.config
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.text_config.vocab_size, (1, 6), generator=generator)
-    input_ids[0, 2:4] = config.empty_token_id
-    audio = torch.stack(
-        [torch.randint(0, size, (1, 6, config.group_size), generator=generator) for size in config.audio_vocab_sizes],
-        dim=-1,
-    )
-    labels = input_ids.clone()
-    differences = []
-    with torch.no_grad():
-        outputs = [
-            model(input_ids=input_ids, audio_input_ids=audio, labels=labels, audio_labels=audio)
-            for model in (original, converted)
-        ]
-    differences.append((outputs[0].logits - outputs[1].logits).abs().max().item())
-    for channel in range(config.audio_channels):
-        differences.append((outputs[0].audio_logits[channel] - outputs[1].audio_logits[channel]).abs().max().item())
-    return max(differences)
-
-
 def load_original_checkpoint(input_dir: Path, dtype: str | None = None):
     """
     Loads an original MiMo-Audio checkpoint directory with its text tokenizer, translated with the tables of
@@ -222,6 +193,35 @@ def load_original_checkpoint(input_dir: Path, dtype: str | None = None):
     model.config.dtype = target_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else None)
     model.generation_config = default_generation_config(config, tokenizer)
     return model, tokenizer
+
+
+def verify_conversion(input_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> float:
+    """
+    Loads the original directory (translated on load) and the converted one, runs both on a short sample with text
+    and two audio patches, and returns the largest absolute difference of the text and patch decoder logits.
+    """
+    torch_dtype = DTYPES[dtype] if dtype is not None else "auto"
+    original = MiMoAudioForConditionalGeneration.from_pretrained(str(input_dir), dtype=torch_dtype).eval()
+    converted = MiMoAudioForConditionalGeneration.from_pretrained(str(output_dir), dtype=torch_dtype).eval()
+    config = converted.config
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.text_config.vocab_size, (1, 6), generator=generator)
+    input_ids[0, 2:4] = config.empty_token_id
+    audio = torch.stack(
+        [torch.randint(0, size, (1, 6, config.group_size), generator=generator) for size in config.audio_vocab_sizes],
+        dim=-1,
+    )
+    labels = input_ids.clone()
+    differences = []
+    with torch.no_grad():
+        outputs = [
+            model(input_ids=input_ids, audio_input_ids=audio, labels=labels, audio_labels=audio)
+            for model in (original, converted)
+        ]
+    differences.append((outputs[0].logits - outputs[1].logits).abs().max().item())
+    for channel in range(config.audio_channels):
+        differences.append((outputs[0].audio_logits[channel] - outputs[1].audio_logits[channel]).abs().max().item())
+    return max(differences)
 
 
 def convert(
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Converted {args.input_dir} -> {output_dir}")
 
 
-__all__ = ["convert", "convert_state_dict_keys", "main", "rename_original_key", "verify_conversion"]
+__all__ = ["convert", "convert_state_dict_keys", "load_original_checkpoint", "main", "verify_conversion"]
 
 if __name__ == "__main__":
     main()
