@@ -24,6 +24,9 @@ from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
 
+# `from_pretrained` arguments that locate a checkpoint's files (to look at them before deciding it is an original one).
+HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
+
 # ------------------------------------------------------------------------------------------------- special tokens
 
 # Tokens the original adds to the text tokenizer when they are missing, in its order (processor attribute name ->

@@ -24,7 +24,7 @@ from transformers.utils import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_mimo_audio import MiMoAudioConfig
-from .conversion_mapping_mimo_audio import is_original_config_dict
+from .conversion_mapping_mimo_audio import HUB_KWARGS, is_original_config_dict
 from .generation_mimo_audio import MiMoAudioGenerationMixin
 from .quantization_mimo_audio import (
     UNQUANTIZED_MODULES,
@@ -129,7 +129,7 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
                 f"{len(unpacked)} 4-bit layer(s) have widths bitsandbytes' packed CPU kernel does not support; they "
                 f"use its generic 4-bit path on CPU: {unpacked}"
             )
-        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
         if model.can_generate() and "return_dict_in_generate" not in _stored_generation_config(
             pretrained_model_name_or_path, hub_kwargs
         ):
@@ -150,10 +150,6 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
                     f"Original checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}"
                 )
         return (model, loading_info) if output_loading_info else model
-
-
-# `from_pretrained` arguments that locate the checkpoint's files.
-_HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 def _stored_generation_config(pretrained_model_name_or_path, hub_kwargs: dict) -> dict:

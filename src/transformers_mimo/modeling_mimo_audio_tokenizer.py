@@ -20,6 +20,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Model
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
 from .conversion_mapping_mimo_audio import (
+    HUB_KWARGS,
     ORIGINAL_TOKENIZER_IGNORED_KEYS,
     ORIGINAL_TOKENIZER_KEY_MAPPING,
     ORIGINAL_TOKENIZER_WINDOW_KEY,
@@ -596,10 +597,6 @@ class MiMoAudioTokenizerDecoder(MiMoAudioTokenizerTransformer):
         return self.vocoder(mels, lengths)
 
 
-# `from_pretrained` arguments that locate the checkpoint's files.
-_HUB_KWARGS = ("cache_dir", "local_files_only", "proxies", "revision", "subfolder", "token")
-
-
 class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     config: MiMoAudioTokenizerConfig
     config_class = MiMoAudioTokenizerConfig
@@ -630,7 +627,7 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
         it) that is not a periodic Hann window.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
         key_mapping = dict(ORIGINAL_TOKENIZER_KEY_MAPPING)
         key_mapping.update(kwargs.pop("key_mapping", None) or {})
         model, loading_info = super().from_pretrained(
