@@ -4,10 +4,10 @@ translation (`MiMoAudioConfig.get_config_dict`, the key mapping registered for `
 `MiMoAudioTokenizerModel.from_pretrained`) and by the conversion scripts (`convert_mimo_audio_to_hf`,
 `convert_mimo_audio_tokenizer_to_hf`). It imports nothing from this package.
 
-- Language model (`XiaomiMiMo/MiMo-Audio-7B-*`, `XiaomiMiMo/MiMo-V2.5-ASR`): `ORIGINAL_CHECKPOINT_KEY_MAPPING` (tensor
-  names), `ORIGINAL_DROPPED_KEY_PATTERN` (non-persistent buffers some checkpoints carry), `convert_original_config_dict`
-  (the flat Qwen2-style config -> `MiMoAudioConfig` arguments) and the special tokens (`SPECIAL_TOKENS`, read from the
-  tokenizer files by `read_special_token_ids`).
+- Language model (`XiaomiMiMo/MiMo-Audio-7B-*`, `XiaomiMiMo/MiMo-V2.5-ASR`): `ORIGINAL_CHECKPOINT_KEY_MAPPING`
+  (tensor names), `ORIGINAL_DROPPED_KEY_PATTERN` (non-persistent buffers some checkpoints carry),
+  `convert_original_config_dict` (the flat Qwen2-style config -> `MiMoAudioConfig` arguments) and the special tokens
+  (`SPECIAL_TOKENS`, read from the tokenizer files by `read_special_token_ids`).
 - Audio tokenizer (`XiaomiMiMo/MiMo-Audio-Tokenizer`): `ORIGINAL_TOKENIZER_KEY_MAPPING` and the tensors it does not
   load, `ORIGINAL_TOKENIZER_IGNORED_KEYS` (the ISTFT window among them, checked by `check_original_istft_window`).
 
@@ -104,7 +104,7 @@ def is_original_tokenizer_key(key: str) -> bool:
 
 
 def is_ignored_original_tokenizer_key(key: str) -> bool:
-    """Whether `key` is an original codec tensor that is deliberately not loaded (`ORIGINAL_TOKENIZER_IGNORED_KEYS`)."""
+    """Whether `key` is an original codec tensor that is deliberately not loaded: `ORIGINAL_TOKENIZER_IGNORED_KEYS`."""
     return any(re.match(pattern, key) for pattern in ORIGINAL_TOKENIZER_IGNORED_KEYS)
 
 
@@ -359,7 +359,8 @@ def _check_repeated_training_keys(config_dict: dict):
     if local_base is not None and rope_theta is not None and float(local_base) != float(rope_theta):
         raise ValueError(
             f"The original config contradicts itself: `local_rotary_base`={local_base!r} but the patch transformers "
-            f"use the backbone's `rope_theta`={rope_theta!r} (as the original code does). Fix one of them in config.json."
+            f"use the backbone's `rope_theta`={rope_theta!r} (as the original code does). Fix one of them in "
+            "config.json."
         )
     channels = int(_original_value(config_dict, "audio_channels", 8))
     n_rvq = config_dict.get("n_rvq")

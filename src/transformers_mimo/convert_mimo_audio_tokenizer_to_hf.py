@@ -9,8 +9,8 @@ layout. The output directory holds:
 - `preprocessor_config.json`: the matching [`MiMoAudioFeatureExtractor`].
 
 Every original tensor is either converted or listed as deliberately unused (the codebooks' EMA training state and
-the ISTFT window, see `ORIGINAL_TOKENIZER_IGNORED_KEYS`); a missing, unexpected or mis-shaped tensor stops the conversion
-before anything is written.
+the ISTFT window, see `ORIGINAL_TOKENIZER_IGNORED_KEYS`); a missing, unexpected or mis-shaped tensor stops the
+conversion before anything is written.
 
 Usage:
 

@@ -75,9 +75,9 @@ def default_generation_config(config, tokenizer=None) -> GenerationConfig:
     """
     The generation config a converted checkpoint stores, and the one used for an original checkpoint (which stores
     none): the original's default sampling (`ORIGINAL_TEXT_SAMPLING`, `ORIGINAL_AUDIO_SAMPLING`, no audio top-k); stops
-    at end-of-text, `<|im_end|>` and `<|eostm|>`; returns the text and audio sequences (`return_dict_in_generate`). No
-    length is stored, so `max_new_tokens` never clashes with a stored `max_length`; without one, `generate` stops at the
-    context length (8192 positions, the original's limit).
+    at end-of-text, `<|im_end|>` and `<|eostm|>`; returns the text and audio sequences (`return_dict_in_generate`).
+    No length is stored, so `max_new_tokens` never clashes with a stored `max_length`; without one, `generate` stops
+    at the context length (8192 positions, the original's limit).
 
     A MiMo-V2.5-ASR checkpoint (`config.model_variant == "mimo-v2.5-asr"`) gets that release's ASR settings instead:
     greedy text, audio as above (used only if the model emits `<|empty|>`), stops at end-of-text and `<|im_end|>`.

@@ -45,8 +45,9 @@ def unpack_bnb_cpu_4bit_weights(model: nn.Module) -> None:
     unpacking on save leaves them transposed (the checkpoint then reloads as another model) or re-quantizes them (a
     slightly different model). Here they are unpacked with the bf16 scales in their original layout, as plain float32
     scales: the saved model computes exactly what the repacked one did (without double quantization of the scales,
-    which cost 0.5 instead of 0.13 bits per weight). Uses bitsandbytes' private `_convert_weight_packed_for_cpu_inverse`
-    (imported only when a repacked weight is found, so bitsandbytes stays optional).
+    which cost 0.5 instead of 0.13 bits per weight). Uses bitsandbytes' private
+    `_convert_weight_packed_for_cpu_inverse` (imported only when a repacked weight is found, so bitsandbytes stays
+    optional).
     """
     for module in model.modules():
         weight = getattr(module, "weight", None)
