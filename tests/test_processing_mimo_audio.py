@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
-import transformers_mimo.processing_mimo_audio as processing
+import transformers_mimo.modeling_mimo_audio_tokenizer as modeling_mimo_audio_tokenizer
+import transformers_mimo.prompting_mimo_audio as prompting
 from transformers_mimo import MiMoAudioProcessor
 from transformers_mimo.feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
 from transformers_mimo.generation_mimo_audio import MiMoAudioGenerateOutput, MiMoAudioStreamer
@@ -133,7 +134,7 @@ def test_golden_asr_through_messages(proc_a):
     ]
     grid = _original_grid(proc_a.apply_chat_template(conversation), 4)
     assert torch.equal(grid, golden["asr.input_ids_grid"])
-    assert manifest["asr_template"] == processing.DEFAULT_ASR_INSTRUCTION
+    assert manifest["asr_template"] == prompting.DEFAULT_ASR_INSTRUCTION
     assert torch.equal(_original_grid(proc_a.asr(_codes_item(golden, "asr", 8)), 4), golden["asr.input_ids_grid"])
 
 
@@ -243,7 +244,7 @@ def test_tts_layouts_match_the_original_segments(proc_a):
     assert styled["input_ids"][0].tolist() == _tokens(
         tok,
         "<|im_start|>system\n",
-        processing.TTS_STYLE_SYSTEM_PROMPT,
+        prompting.TTS_STYLE_SYSTEM_PROMPT,
         "<|im_end|>\n",
         "<|im_start|>user\nRead this: Nice day(happily)<|im_end|>\n",
         "<|im_start|>assistant\n<think>\n",
@@ -252,7 +253,7 @@ def test_tts_layouts_match_the_original_segments(proc_a):
     assert natural["input_ids"][0].tolist() == _tokens(
         tok,
         "<|im_start|>system\n",
-        processing.TTS_STYLE_SYSTEM_PROMPT,
+        prompting.TTS_STYLE_SYSTEM_PROMPT,
         "<|im_end|>\n",
         "<|im_start|>user\nSay it slowly: nice day<|im_end|>\n",
         "<|im_start|>assistant\n<think>\n",
@@ -260,7 +261,7 @@ def test_tts_layouts_match_the_original_segments(proc_a):
     cloned = proc_a.tts("Nice day", style="calm", voice={"type": "audio", "audio_codes": voice})
     E = proc_a.empty_token_id
     assert cloned["input_ids"][0].tolist() == (
-        _tokens(tok, "<|im_start|>system\n", processing.TTS_VOICE_SYSTEM_PROMPT)
+        _tokens(tok, "<|im_start|>system\n", prompting.TTS_VOICE_SYSTEM_PROMPT)
         + [proc_a.sosp_token_id, E, E, proc_a.eosp_token_id]
         + _tokens(
             tok,
@@ -435,7 +436,7 @@ def test_special_token_ids_and_missing_tokens_are_added():
     _, manifest = _golden("lm_a")
     processor = _processor("lm_a", with_codec=False)
     ids = manifest["special_token_ids"]
-    for name, token in {**processing.SPECIAL_TOKENS, **processing.CHAT_TOKENS}.items():
+    for name, token in {**prompting.SPECIAL_TOKENS, **prompting.CHAT_TOKENS}.items():
         assert getattr(processor, f"{name}_id") == ids[token]
     # The golden tokenizer without MiMo-Audio's tokens (only <|endoftext|>, <|im_start|>, <|im_end|> = 400..402).
     spec = json.loads((GOLDEN / "lm_a" / "checkpoint" / "tokenizer.json").read_text())
@@ -445,9 +446,9 @@ def test_special_token_ids_and_missing_tokens_are_added():
     )
     assert "<|sosp|>" not in bare.get_vocab() and len(bare) == 403
     processor = MiMoAudioProcessor(MiMoAudioFeatureExtractor(n_mels=32), bare, audio_empty_ids=[64, 64] + [16] * 6)
-    added = [getattr(processor, f"{name}_id") for name in processing.SPECIAL_TOKENS]
+    added = [getattr(processor, f"{name}_id") for name in prompting.SPECIAL_TOKENS]
     assert sorted(added) == list(range(403, 411))
-    for name, token in processing.SPECIAL_TOKENS.items():
+    for name, token in prompting.SPECIAL_TOKENS.items():
         assert bare(token, add_special_tokens=False)["input_ids"] == [getattr(processor, f"{name}_id")]
 
 
@@ -612,7 +613,7 @@ def test_batch_decode_accepts_generate_output_and_segments(proc_a, monkeypatch):
     sequences, audio, patches = _generate_like_output(proc_a)
     result = MiMoAudioGenerateOutput(sequences=sequences, audio_sequences=audio)
     whole = proc_a.batch_decode_generation(result, prompt_length=3)
-    monkeypatch.setattr(processing, "DECODE_SEGMENT_FRAMES", 8)  # 20 frames -> segments of 8, 8, 4
+    monkeypatch.setattr(modeling_mimo_audio_tokenizer, "DECODE_SEGMENT_FRAMES", 8)  # 20 frames -> segments of 8, 8, 4
     segmented = proc_a.batch_decode_generation(result, prompt_length=3)
     codes = patches.reshape(-1, 8).T
     pieces = [proc_a.audio_tokenizer.decode(codes[None, :, s : s + 8]).audio_values[0, 0] for s in (0, 8, 16)]

@@ -349,7 +349,7 @@ def test_greedy_generation_and_transcripts(case, processor, model):
 
 def test_transcript_cleanup_follows_the_original():
     """Strip, drop <|empty|>/<|eot|>/<|eostm|>, then drop the language tags (and strip again) only when one is there."""
-    from transformers_mimo.processing_mimo_audio import _clean_v25_transcript
+    from transformers_mimo.prompting_mimo_audio import clean_v25_transcript as _clean_v25_transcript
 
     assert _clean_v25_transcript(" <english> Hello<|empty|> world<|eot|> ") == "Hello world"
     assert _clean_v25_transcript("<chinese>你好<|eostm|>") == "你好"

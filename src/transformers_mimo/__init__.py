@@ -47,12 +47,8 @@ from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerStreamingCache,
     MiMoAudioTokenizerStreamingDecoderOutput,
 )
-from .processing_mimo_audio import (
-    V25_ASR_INSTRUCTIONS,
-    V25_LANGUAGE_TAGS,
-    MiMoAudioDecodedOutput,
-    MiMoAudioProcessor,
-)
+from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
+from .prompting_mimo_audio import V25_ASR_INSTRUCTIONS, V25_LANGUAGE_TAGS
 from .quantization_mimo_audio import QUANTIZATION_SKIP_MODULES, UNQUANTIZED_MODULES
 from .training_mimo_audio import LORA_TARGET_MODULES, MiMoAudioDataCollator, get_lora_target_modules
 from .transcription_mimo_audio import Transcription, TranscriptionSegment, find_speech_segments, transcribe

@@ -1,16 +1,17 @@
-"""Signal-processing helpers for MiMo-Audio: band-limited resampling and the HTK mel filterbank.
+"""Audio helpers for MiMo-Audio: reading audio files, band-limited resampling and the HTK mel filterbank.
 
-Both are pure PyTorch and reproduce torchaudio's defaults bit for bit (``torchaudio.functional.resample`` and
+The resampling and the filterbank are pure PyTorch and reproduce torchaudio's defaults bit for bit (``torchaudio.functional.resample`` and
 ``torchaudio.functional.melscale_fbanks(norm=None, mel_scale="htk")``), so no torchaudio dependency is needed.
 """
 
 import math
 
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
 
-__all__ = ["htk_mel_filter_bank", "resample_waveform"]
+__all__ = ["htk_mel_filter_bank", "read_audio", "resample_waveform"]
 
 # Above this product of the reduced rates the resampling kernel (new_rate x ~orig_rate values) exceeds ~1 GB.
 _MAX_REDUCED_RATE_PRODUCT = 2**28
@@ -128,3 +129,14 @@ def htk_mel_filter_bank(
     rising = (-1.0 * distances[:, :-2]) / edge_gaps[:-1]
     falling = distances[:, 2:] / edge_gaps[1:]
     return torch.clamp(torch.minimum(rising, falling), min=0.0)
+
+
+def read_audio(source) -> tuple[torch.Tensor, int]:
+    """
+    An audio file decoded with soundfile at its own rate: a float32 waveform `(channels, samples)` and the rate in Hz.
+
+    `source` is a path or a file-like object. Downmixing and resampling are left to the caller (the feature extractor
+    does both as the original does; Transformers' `load_audio` would resample with soxr instead).
+    """
+    array, sampling_rate = sf.read(source, dtype="float32", always_2d=True)
+    return torch.from_numpy(array.T.copy()), int(sampling_rate)

@@ -276,8 +276,10 @@ def _set_seed(seed: int):
 def run_generation(model, processor, inputs, args, task: str, description: str):
     """`generate` as the original runs `task` (see `MiMoAudioProcessor.generation_kwargs`), with a progress bar, then
     `batch_decode_generation` (with audio when the task answers in speech). Returns `(text, waveform or None, speech patches)`."""
+    from .prompting_mimo_audio import get_task
+
     generation_config = _generation_config(model, processor, args, task)
-    speech = processor.eostm_token_id in generation_config.eos_token_id  # the answer is a speech stream
+    speech = get_task(task).output_modality == "audio"
     if args.seed is not None:
         _set_seed(args.seed)
     progress = GenerationProgress(args.max_new_tokens, processor.empty_token_id, description)
@@ -398,14 +400,7 @@ def cmd_asr(args) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc="asr", unit="segment", file=sys.stderr, disable=None, leave=False)
-
-    def progress(done: int, total: int):
-        bar.total = total
-        bar.update(done - bar.n)
-
+    bar, progress = _progress_bar("asr", "segment")
     overrides = {"do_sample": False, "audio_do_sample": False} if args.greedy else {}
     results = transcribe(
         model,
@@ -488,11 +483,13 @@ def cmd_chat(args) -> int:
                 _encoded_audio(processor, item["path"]) if item["type"] == "audio" else item
                 for item in message["content"]
             ]
+    from .prompting_mimo_audio import get_task
+
     voice = None if voice is None else _encoded_audio(processor, voice)
-    inputs = processor.spoken_dialogue(
-        messages, system_prompt=args.system, voice=voice, output_modality="audio" if output else "text"
-    )
     task = "spoken_dialogue" if output is not None else "speech_to_text_dialogue"
+    inputs = processor.spoken_dialogue(
+        messages, system_prompt=args.system, voice=voice, output_modality=get_task(task).output_modality
+    )
     text, waveform, patches = run_generation(model, processor, inputs, args, task=task, description="chat")
     print(text)
     if output is not None:
@@ -500,33 +497,40 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def encode_waveform(codec, feature_extractor, waveform: torch.Tensor, sampling_rate: int, num_quantizers: int | None):
-    """
-    Waveform `(channels, samples)` -> codes `(num_quantizers, frames)`, segment by segment (`config.segment_length` mel
-    frames, which the codec encodes independently anyway, so the codes equal one `encode` call) with a progress bar.
-    """
+def _progress_bar(description: str, unit: str):
+    """A progress bar on stderr and the `progress(done, total)` callback that advances it."""
     from tqdm.auto import tqdm
 
-    features = feature_extractor(waveform, sampling_rate=sampling_rate)["input_features"]
-    segment = codec.config.segment_length
-    codes = []
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, disable=None, leave=False)
+
+    def progress(done: int, total: int):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, progress
+
+
+def encode_waveform(codec, feature_extractor, waveform: torch.Tensor, sampling_rate: int, num_quantizers: int | None):
+    """
+    Waveform `(channels, samples)` -> codes `(num_quantizers, frames)`, one codec segment (`config.segment_length` mel
+    frames, encoded independently anyway, so the codes equal one `encode` call) at a time with a progress bar.
+    """
+    features = feature_extractor(waveform, sampling_rate=sampling_rate)["input_features"][0]
+    bar, progress = _progress_bar("encode", "segment")
     with torch.inference_mode():
-        for start in tqdm(
-            range(0, features.shape[-1], segment), desc="encode", file=sys.stderr, disable=None, leave=False
-        ):
-            chunk = features[..., start : start + segment].to(codec.device, codec.dtype)
-            codes.append(codec.encode(chunk, num_quantizers=num_quantizers).audio_codes[0])
-    return torch.cat(codes, dim=-1).cpu()
+        (codes,) = codec.encode_clips([features], num_quantizers, segments_per_call=1, progress=progress)
+    bar.close()
+    return codes
 
 
 def read_audio(path: str) -> tuple[torch.Tensor, int]:
     """An audio file as a float32 waveform `(channels, samples)` and its sampling rate."""
-    import soundfile as sf
+    from .audio_utils import read_audio as read_audio_file
 
-    array, rate = sf.read(path, dtype="float32", always_2d=True)
-    if array.shape[0] == 0:
+    waveform, rate = read_audio_file(path)
+    if waveform.shape[-1] == 0:
         raise InputError(f"{path!r} holds no samples.")
-    return torch.from_numpy(array.T.copy()), rate
+    return waveform, rate
 
 
 def _encoded_audio(processor, path: str) -> dict:
@@ -546,21 +550,15 @@ def reconstruct(codec, feature_extractor, waveform: torch.Tensor, sampling_rate:
     """
     Codec round trip of one clip: waveform `(channels, samples)` -> codes `(num_quantizers, frames)`
     (`encode_waveform`) -> waveform `(samples,)` at the codec's rate, decoded in segments of 1500 code frames as the
-    processor decodes generated speech, with a progress bar; a clip shorter than 60 s is one codec call each way.
+    processor decodes generated speech (`MiMoAudioTokenizerModel.decode_clips`), one segment at a time with a progress
+    bar; a clip shorter than 60 s is one codec call each way.
     """
-    from tqdm.auto import tqdm
-
-    from .processing_mimo_audio import DECODE_SEGMENT_FRAMES
-
-    codes = encode_waveform(codec, feature_extractor, waveform, sampling_rate, num_quantizers).to(codec.device)
-    audio = []
+    codes = encode_waveform(codec, feature_extractor, waveform, sampling_rate, num_quantizers)
+    bar, progress = _progress_bar("decode", "segment")
     with torch.inference_mode():
-        for start in tqdm(
-            range(0, codes.shape[-1], DECODE_SEGMENT_FRAMES), desc="decode", file=sys.stderr, disable=None, leave=False
-        ):
-            decoded = codec.decode(codes[None, :, start : start + DECODE_SEGMENT_FRAMES])
-            audio.append(decoded.audio_values[0, 0].float().cpu())
-    return codes.cpu(), torch.cat(audio)
+        (audio,) = codec.decode_clips([codes], segments_per_call=1, progress=progress)
+    bar.close()
+    return codes, audio
 
 
 def cmd_reconstruct(args) -> int:

@@ -6,6 +6,7 @@ window (`*_attn_window_size`) is computed block by block, so its memory grows li
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,10 @@ from .conversion_mapping_mimo_audio import (
     check_original_istft_window,
     is_original_tokenizer_key,
 )
+
+
+# The original decodes generated codes in segments of this many frames (60 s at 25 Hz).
+DECODE_SEGMENT_FRAMES = 1500
 
 
 def _original_checkpoint_window(pretrained_model_name_or_path, hub_kwargs: dict) -> tuple[bool, torch.Tensor | None]:
@@ -132,6 +137,51 @@ class MiMoAudioTokenizerOutput(ModelOutput):
 def _sequence_mask(lengths: torch.Tensor, max_length: int) -> torch.BoolTensor:
     """`(batch, max_length)` mask, True before each length."""
     return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _check_clip(clip, name: str, rows: str) -> torch.Tensor:
+    if not isinstance(clip, torch.Tensor) or clip.dim() != 2 or clip.shape[-1] == 0:
+        shape = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
+        raise ValueError(f"`{name}` must have shape ({rows}, length >= 1), got {shape}.")
+    return clip
+
+
+def _run_in_segments(
+    clips: list[torch.Tensor],
+    segment_size: int,
+    segments_per_call: int | None,
+    progress: Callable[[int, int], None] | None,
+    run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """
+    Cuts every clip `(rows, length)` into segments of `segment_size` along its last dim, runs `run(padded, mask)` on
+    right-padded batches of at most `segments_per_call` segments (default: all), and concatenates each clip's outputs.
+
+    `run` takes a batch `(batch, rows, longest)` and its mask `(batch, longest)` and returns the outputs
+    `(batch, ..., out_length)` with each item's valid `out_lengths (batch,)`; `progress(done, total)` follows the
+    segments.
+    """
+    if segment_size < 1 or (segments_per_call is not None and segments_per_call < 1):
+        raise ValueError(
+            f"The segment size ({segment_size}) and `segments_per_call` ({segments_per_call}) must be positive."
+        )
+    segments = [
+        (clip, values[..., start : start + segment_size])
+        for clip, values in enumerate(clips)
+        for start in range(0, values.shape[-1], segment_size)
+    ]
+    per_call = segments_per_call or max(len(segments), 1)
+    outputs = [[] for _ in clips]
+    for first in range(0, len(segments), per_call):
+        batch = segments[first : first + per_call]
+        lengths = torch.tensor([segment.shape[-1] for _, segment in batch])
+        padded = torch.stack([F.pad(segment, (0, int(lengths.max()) - segment.shape[-1])) for _, segment in batch])
+        values, value_lengths = run(padded, _sequence_mask(lengths, padded.shape[-1]).long())
+        for index, (clip, _) in enumerate(batch):
+            outputs[clip].append(values[index, ..., : int(value_lengths[index])])
+        if progress is not None:
+            progress(first + len(batch), len(segments))
+    return [torch.cat(pieces, dim=-1) for pieces in outputs]
 
 
 def _lengths_from_mask(
@@ -794,6 +844,75 @@ class MiMoAudioTokenizerModel(MiMoAudioTokenizerPreTrainedModel):
         lengths = _lengths_from_mask(audio_codes_mask, batch_size, length, "audio_codes_mask", audio_codes.device)
         audio, audio_lengths = self._decode_valid(audio_codes, lengths)
         return MiMoAudioTokenizerDecoderOutput(audio_values=audio.unsqueeze(1), audio_values_lengths=audio_lengths)
+
+    @torch.no_grad()
+    def encode_clips(
+        self,
+        input_features: list[torch.FloatTensor],
+        num_quantizers: int | None = None,
+        segments_per_call: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[torch.LongTensor]:
+        """Encodes the log-mel features of several clips of any lengths.
+
+        Args:
+            input_features (`list[torch.FloatTensor]`): one clip's features `(n_mels, frames)` per clip.
+            num_quantizers (`int`, *optional*): number of quantizers to use (defaults to all).
+            segments_per_call (`int`, *optional*): most segments per `encode` call (default: all in one call).
+            progress (`Callable[[int, int], None]`, *optional*): called with `(segments done, segments)` after each
+                call.
+
+        Each clip is cut into segments of `config.segment_length` frames, which `encode` encodes independently; the
+        segments of all clips go through `encode` in padded batches, and every segment gets the codes it gets alone,
+        so the codes do not depend on `segments_per_call`.
+
+        Returns:
+            `list[torch.LongTensor]`: each clip's codes `(num_quantizers, codes_length)`, on the CPU.
+        """
+
+        def encode(features, mask):
+            encoded = self.encode(features.to(self.device), mask.to(self.device), num_quantizers=num_quantizers)
+            return encoded.audio_codes.cpu(), encoded.audio_codes_mask.sum(-1).cpu()
+
+        checked = [
+            _check_clip(features, f"input_features[{clip}]", "n_mels") for clip, features in enumerate(input_features)
+        ]
+        return _run_in_segments(checked, self.config.segment_length, segments_per_call, progress, encode)
+
+    @torch.no_grad()
+    def decode_clips(
+        self,
+        audio_codes: list[torch.LongTensor],
+        segment_frames: int | None = None,
+        segments_per_call: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[torch.FloatTensor]:
+        """Decodes the codes of several clips of any lengths, in segments, as the original decodes generated speech.
+
+        Args:
+            audio_codes (`list[torch.LongTensor]`): one clip's codes `(num_quantizers, frames)` per clip (the same
+                number of quantizers for all).
+            segment_frames (`int`, *optional*): code frames per segment (default `DECODE_SEGMENT_FRAMES`, 1500 = 60 s).
+            segments_per_call (`int`, *optional*): most segments per `decode` call (default: all in one call).
+            progress (`Callable[[int, int], None]`, *optional*): called with `(segments done, segments)` after each
+                call.
+
+        Each clip is cut into segments of `segment_frames` frames whose waveforms are concatenated; the segments of
+        all clips go through `decode` in padded batches, each decoded as if it were alone.
+
+        Returns:
+            `list[torch.FloatTensor]`: each clip's waveform `(samples,)` at `config.sampling_rate`, float32 on the CPU.
+        """
+        segment_frames = DECODE_SEGMENT_FRAMES if segment_frames is None else segment_frames
+
+        def decode(codes, mask):
+            decoded = self.decode(codes.to(self.device), mask.to(self.device))
+            return decoded.audio_values[:, 0].float().cpu(), decoded.audio_values_lengths.cpu()
+
+        checked = [
+            _check_clip(codes, f"audio_codes[{clip}]", "num_quantizers") for clip, codes in enumerate(audio_codes)
+        ]
+        return _run_in_segments(checked, segment_frames, segments_per_call, progress, decode)
 
     @torch.no_grad()
     def streaming_decode(

@@ -7,15 +7,14 @@ The model reads one LLM position per text token or per audio patch (`group_size`
   empty id.
 - `attention_mask` `(batch, seq_len)`: batches are padded on the LEFT.
 
-All prompt layouts of the original MiMo-Audio code live in the "Prompt layouts" section below: chat turns, the
-speech segments (`<|sosp|>` patches `<|eosp|>`), the assistant speech stream (`<|sostm|>`, text chunks of 5 tokens
-interleaved with 5 patches, `<|eot|>`, `<|eostm|>`), the generation prompts and the base-model prompts.
+How prompts look (chat turns, speech segments, the assistant speech stream, the per-task prompts) and how each task
+is generated live in `prompting_mimo_audio.py`; the processor turns those layouts into tensors, encodes audio with
+the codec and decodes generations.
 """
 
 import io
 import os
 import random
-import re
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,12 +27,30 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
-from .audio_utils import resample_waveform
+from .audio_utils import read_audio, resample_waveform
 from .configuration_mimo_audio import MODEL_VARIANTS, MiMoAudioConfig, default_audio_empty_ids
 from .conversion_mapping_mimo_audio import CHAT_TOKENS, SPECIAL_TOKENS
 from .feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
-from .generation_mimo_audio import ORIGINAL_AUDIO_SAMPLING, ORIGINAL_TEXT_SAMPLING
 from .modeling_mimo_audio_tokenizer import MiMoAudioTokenizerModel
+from .prompting_mimo_audio import (
+    ANSWER_END_TOKENS,
+    DEFAULT_ASR_INSTRUCTION,
+    V25_ASR_INSTRUCTION_POOLS,
+    V25_LANGUAGE_TAGS,
+    SpeechPiece,
+    TextPiece,
+    answer_text_end,
+    as_audio_item,
+    as_audio_items,
+    check_conversation,
+    clean_answer_text,
+    expand_pieces,
+    get_task,
+    is_batch,
+    is_conversation_batch,
+    render_conversation,
+    speech_stream_span,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -41,398 +58,10 @@ logger = logging.get_logger(__name__)
 __all__ = ["MiMoAudioDecodedOutput", "MiMoAudioProcessor"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompt layouts: the only place that knows how MiMo-Audio prompts look.
-# ----------------------------------------------------------------------------------------------------------------------
-
-TURN_START = "<|im_start|>{role}\n"
-TURN_END = "<|im_end|>\n"
-THINK_OPEN = "<think>\n"  # the assistant reasons first
-THINK_CLOSE = "</think>\n"
-THINK_SKIPPED = "<think>\n\n</think>\n"  # text answer without reasoning
-
-# Fixed instructions the original models were trained with.
-TTS_STYLE_SYSTEM_PROMPT = "你需要根据指定的风格指令和文本内容来生成语音。"
-TTS_VOICE_SYSTEM_PROMPT = "你需要根据指定的风格指令和文本内容来生成和语音prompt具有相同音色的语音。你的音色应该是："
-DIALOGUE_VOICE_SYSTEM_PROMPT = "Your voice should be:"
-DIALOGUE_SYSTEM_PROMPT_SEPARATOR = "\n\n"
-ICL_INSTRUCTION = "[Int]:{instruction}\n"
-ICL_AFTER_INPUT = "\n"
-ICL_AFTER_EXAMPLE = " \n\n"
-
-# Default task instructions. The original draws one at random from a list per call; we use one fixed sentence of
-# that list per task (and language, for TTS). Every helper takes `instruction=` to use any other sentence.
-DEFAULT_ASR_INSTRUCTION = "Please convert the recording to written format"
-DEFAULT_TTS_INSTRUCTION = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
-
-# MiMo-V2.5-ASR: the ASR answer opens with a language tag (plain text, after the empty thinking block), and without an
-# explicit instruction one is drawn with `random.choice` from the sentences of that language (from both lists when no
-# language is given), as the original's `get_asr_sft_prompt` does. These are the sentences of its template lists
-# (XiaomiMiMo/MiMo-V2.5-ASR, MIT, src/mimo_audio/templates.py), in its order: the model was trained with them, and the
-# order decides which one a seeded draw picks.
-V25_LANGUAGE_TAGS = {None: "", "zh": "<chinese>", "en": "<english>"}
-V25_ASR_INSTRUCTIONS = {
-    "zh": (
-        "请将这段语音转换为文字",
-        "帮我识别这个音频文件中的内容",
-        "把这段录音转成文本",
-        "请转录这段语音",
-        "将音频内容转换成文字格式",
-        "识别并转写这段语音",
-        "把语音内容写成文字",
-        "转录这个音频片段",
-        "将这段对话转换为文本",
-        "麻烦帮我把这段录音整理成详细的文字记录",
-    ),
-    "en": (
-        "Please transcribe this audio file",
-        "Convert this speech recording to text",
-        "Transcribe the following voice message",
-        "Turn this audio into readable text",
-        "Please convert the recording to written format",
-        "Transcribe what you hear in this audio",
-        "Convert this spoken content to text",
-        "Please write down what is said in this recording",
-        "Transcribe this voice recording",
-        "Could you please help me transcribe this important recording?",
-        "Would you mind converting this voice message into a readable text format?",
-        "I'd really appreciate it if you could turn this audio file into a written document",
-    ),
-}
 # MiMo-V2.5-ASR encodes audio in waveform chunks of this many seconds, each with its own log-mel.
 V25_CHUNK_SECONDS = 30
-
-# Assistant speech stream: text chunks of this many tokens interleaved with audio chunks of this many patches.
-STREAM_TEXT_CHUNK = 5
-STREAM_AUDIO_CHUNK = 5
-
-# The original decodes generated codes in segments of this many frames.
-DECODE_SEGMENT_FRAMES = 1500
 # Quantizers of the released MiMo-Audio-Tokenizer: precomputed `audio_codes` with more rows are (frames, quantizers).
 MAX_CODEC_QUANTIZERS = 20
-
-# How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
-# `task_sampler_configs`): stop tokens besides end-of-text, and text / audio sampling. Every task of the original
-# samples audio with its default (`ORIGINAL_AUDIO_SAMPLING`: temperature 0.9, top-p 0.95). Speech continuation has no
-# builder in the original: it ends where the open speech segment would be closed, at `<|eosp|>`, and samples with the
-# original's defaults for other tasks (`ORIGINAL_TEXT_SAMPLING`, audio top-k 50). A top-k of 0 is "no top-k" (None
-# would be filled in from a checkpoint's stored generation config).
-_AUDIO_SAMPLING = {**ORIGINAL_AUDIO_SAMPLING, "audio_top_k": 0}
-_GREEDY_TEXT = {"do_sample": False}
-
-
-def _text_sampling(temperature: float, top_p: float) -> dict:
-    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
-
-
-TASK_GENERATION = {
-    "asr": (("im_end_token",), _GREEDY_TEXT, _AUDIO_SAMPLING),
-    "audio_understanding": (("im_end_token",), _text_sampling(0.3, 0.95), _AUDIO_SAMPLING),
-    "text_dialogue": (("im_end_token",), _text_sampling(0.4, 0.95), _AUDIO_SAMPLING),
-    "speech_to_text_dialogue": (("im_end_token",), _text_sampling(0.6, 0.95), _AUDIO_SAMPLING),
-    "tts": (("eostm_token", "im_end_token"), _text_sampling(0.6, 1.0), _AUDIO_SAMPLING),
-    "spoken_dialogue": (("eostm_token", "im_end_token"), _text_sampling(0.6, 0.95), _AUDIO_SAMPLING),
-    "in_context_learning": (("eostm_token",), _GREEDY_TEXT, _AUDIO_SAMPLING),
-    "speech_continuation": (
-        ("eosp_token",),
-        ORIGINAL_TEXT_SAMPLING,
-        {**ORIGINAL_AUDIO_SAMPLING, "audio_top_k": 50},
-    ),
-}
-
-
-@dataclass
-class _Text:
-    """Text tokenized on its own (the original tokenizes every prompt segment separately)."""
-
-    text: str
-
-
-@dataclass
-class _Speech:
-    """An audio clip as patches, framed by `<|sosp|>` and (unless `open_end`) `<|eosp|>`."""
-
-    audio: dict
-    open_end: bool = False
-
-
-@dataclass
-class _SpeechStream:
-    """Speech with its transcript: `<|sostm|>`, text/patch chunks, `<|eot|>` after the text, `<|eostm|>`."""
-
-    text: str
-    audio: dict
-
-
-def _contains_chinese(text: str) -> bool:
-    return re.search(r"[\u4e00-\u9fff]", text) is not None
-
-
-def _tts_text(text: str) -> str:
-    """The original's TTS text normalization: a text in one letter case only is capitalized ("HELLO" -> "Hello")."""
-    return text.capitalize() if text.isupper() or text.islower() else text
-
-
-def _generation_prompt(output_modality: str, thinking: bool, language_tag: str = "") -> list:
-    """How the assistant turn opens when the model is asked to answer (a V2.5-ASR language tag ends the opening)."""
-    if thinking:
-        ending = THINK_OPEN
-    elif output_modality == "audio":
-        ending = SPECIAL_TOKENS["sostm_token"]
-    else:
-        ending = THINK_SKIPPED + language_tag
-    return [_Text(TURN_START.format(role="assistant")), _Text(ending)]
-
-
-def _render_turn(role: str, items: list[dict], thinking: str | None = None) -> list:
-    """
-    One chat turn: `<|im_start|>role\n`, its content in order, `<|im_end|>\n`. An assistant turn may open with a
-    thinking block (`thinking`: `""` for the empty block of a text answer without reasoning, else the reasoning),
-    as the generation prompts do; earlier turns of the original's multi-turn prompts have none.
-    """
-    pieces = [_Text(TURN_START.format(role=role))]
-    if thinking == "":
-        pieces.append(_Text(THINK_SKIPPED))
-    elif thinking is not None:
-        pieces += [_Text(THINK_OPEN), _Text(thinking), _Text(THINK_CLOSE)]
-    if role == "assistant" and any(item["type"] == "audio" for item in items):
-        texts = [item["text"] for item in items if item["type"] == "text"]
-        audios = [item for item in items if item["type"] == "audio"]
-        if len(texts) != 1 or len(audios) != 1 or not texts[0].strip():
-            raise ValueError(
-                "An assistant turn with audio must hold exactly one audio item and one non-empty text item (its "
-                f"transcript), got {len(audios)} audio and {len(texts)} text items."
-            )
-        pieces.append(_SpeechStream(texts[0], audios[0]))
-    else:
-        pieces.extend(_Text(item["text"]) if item["type"] == "text" else _Speech(item) for item in items)
-    pieces.append(_Text(TURN_END))
-    return pieces
-
-
-def _render_conversation(
-    conversation: list[dict], add_generation_prompt: bool, output_modality: str, thinking: bool, language_tag: str = ""
-):
-    pieces = []
-    for message in conversation:
-        pieces.extend(_render_turn(message["role"], message["content"], message.get("thinking")))
-    if add_generation_prompt:
-        pieces.extend(_generation_prompt(output_modality, thinking, language_tag))
-    return pieces
-
-
-def _text_item(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
-def _asr_messages(audio: dict, instruction: str) -> list[dict]:
-    return [{"role": "user", "content": [audio, _text_item(instruction)]}]
-
-
-def _tts_messages(text: str, instruction: str | None, style: str | None, voice: dict | None, natural: bool):
-    text = _tts_text(text)
-    if instruction is None:
-        instruction = DEFAULT_TTS_INSTRUCTION["zh" if _contains_chinese(text) else "en"]
-    if natural:
-        request = text
-    else:
-        request = f"{instruction}: {text}" + (f"({style})" if style is not None else "")
-    messages = [{"role": "user", "content": [_text_item(request)]}]
-    if voice is not None:
-        system = [_text_item(TTS_VOICE_SYSTEM_PROMPT), voice]
-    elif style is not None or natural:
-        system = [_text_item(TTS_STYLE_SYSTEM_PROMPT)]
-    else:
-        return messages
-    return [{"role": "system", "content": system}] + messages
-
-
-def _spoken_dialogue_messages(conversation: list[dict], system_prompt: str | None, voice: dict | None):
-    """The original's spoken dialogue: the voice prompt is a system turn, the system prompt opens the first user turn."""
-    messages = [dict(message) for message in conversation]
-    if system_prompt is not None:
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if first_user is None:
-            raise ValueError("`system_prompt` needs a user turn to go into, but the conversation has none.")
-        first_user["content"] = [
-            _text_item(system_prompt),
-            _text_item(DIALOGUE_SYSTEM_PROMPT_SEPARATOR),
-        ] + list(first_user["content"])
-    if voice is not None:
-        messages.insert(0, {"role": "system", "content": [_text_item(DIALOGUE_VOICE_SYSTEM_PROMPT), voice]})
-    return messages
-
-
-def _in_context_learning_pieces(audio: dict, examples: list[dict], instruction: str) -> list:
-    """Few-shot speech-to-speech prompt of the base model (no chat turns)."""
-    pieces = [_Text(ICL_INSTRUCTION.format(instruction=instruction))]
-    for example in examples:
-        pieces += [
-            _Speech(example["input_audio"]),
-            _Text(ICL_AFTER_INPUT),
-            _SpeechStream(example["output_text"], example["output_audio"]),
-            _Text(ICL_AFTER_EXAMPLE),
-        ]
-    pieces += [_Speech(audio), _Text(ICL_AFTER_INPUT), _Text(SPECIAL_TOKENS["sostm_token"])]
-    return pieces
-
-
-def _speech_continuation_pieces(audio: dict) -> list:
-    """Base-model speech continuation: the prompt speech segment is left open (no `<|eosp|>`)."""
-    return [_Speech(audio, open_end=True)]
-
-
-def _expand_pieces(pieces: list, tokenize, patches: Iterator[torch.Tensor], ids) -> list:
-    """
-    Positions of one prompt as segments `(text ids, patches or None)`: text pieces tokenized on their own, speech as
-    `<|sosp|>` + patches (`<|empty|>` in the text channel) + `<|eosp|>`, and the assistant speech stream as
-    `<|sostm|>`, (5 text tokens, 5 patches) pairs while both last, then the rest of the longer one, `<|eostm|>`,
-    with `<|eot|>` after the last text token (the original's streaming segment).
-
-    `patches` yields the patches `(num_patches, group_size, channels)` of the audio pieces in order; `ids` has the
-    special token ids (`sosp_token_id`, ...).
-    """
-    segments = []
-
-    def text(token_ids):
-        if token_ids:
-            segments.append((token_ids, None))
-
-    def speech(clip):
-        segments.append(([ids.empty_token_id] * clip.shape[0], clip))
-
-    for piece in pieces:
-        if isinstance(piece, _Text):
-            text(tokenize(piece.text))
-        elif isinstance(piece, _Speech):
-            text([ids.sosp_token_id])
-            speech(next(patches))
-            if not piece.open_end:
-                text([ids.eosp_token_id])
-        else:
-            text_ids = tokenize(piece.text)
-            if not text_ids:
-                raise ValueError("The transcript of an assistant speech turn tokenizes to nothing.")
-            text_ids = text_ids + [ids.eot_token_id]
-            text_chunks = [text_ids[i : i + STREAM_TEXT_CHUNK] for i in range(0, len(text_ids), STREAM_TEXT_CHUNK)]
-            audio_chunks = next(patches).split(STREAM_AUDIO_CHUNK)
-            text([ids.sostm_token_id])
-            for index in range(max(len(text_chunks), len(audio_chunks))):
-                if index < len(text_chunks):
-                    text(text_chunks[index])
-                if index < len(audio_chunks):
-                    speech(audio_chunks[index])
-            text([ids.eostm_token_id])
-    return segments
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Input validation
-# ----------------------------------------------------------------------------------------------------------------------
-
-_ROLES = ("system", "user", "assistant")
-_AUDIO_SOURCES = ("path", "url", "audio", "audio_codes")
-
-
-def _check_audio_item(item, where: str) -> dict:
-    if not isinstance(item, dict):
-        raise ValueError(f"{where}: an audio item must be a dict, got {type(item).__name__}.")
-    sources = [key for key in _AUDIO_SOURCES if item.get(key) is not None]
-    if len(sources) != 1:
-        raise ValueError(
-            f"{where}: an audio item needs exactly one of {list(_AUDIO_SOURCES)}, got {sources or 'none'}."
-        )
-    unknown = set(item) - {"type", "sampling_rate", *_AUDIO_SOURCES}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} in audio item.")
-    if "sampling_rate" in item and sources[0] != "audio":
-        raise ValueError(f"{where}: `sampling_rate` only applies to an `audio` waveform, not to `{sources[0]}`.")
-    return {"type": "audio", **item}
-
-
-def _check_conversation(conversation, index: int) -> list[dict]:
-    """Validate one conversation and return it with string contents turned into text items."""
-    if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ValueError(f"Conversation {index} must be a non-empty list of messages, got {conversation!r:.80}.")
-    checked = []
-    for position, message in enumerate(conversation):
-        where = f"Conversation {index}, message {position}"
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: a message must be a dict with `role` and `content`, got {message!r:.80}.")
-        unknown = set(message) - {"role", "content", "thinking"}
-        if unknown:
-            raise ValueError(f"{where}: unknown message keys {sorted(unknown)}.")
-        role, content = message["role"], message["content"]
-        if role not in _ROLES:
-            raise ValueError(f"{where}: unknown role {role!r}; expected one of {list(_ROLES)}.")
-        thinking = message.get("thinking")
-        if thinking is not None and (role != "assistant" or not isinstance(thinking, str)):
-            raise ValueError(f"{where}: `thinking` must be a string and only goes in assistant messages.")
-        if isinstance(content, str):
-            content = [_text_item(content)]
-        if not isinstance(content, (list, tuple)) or not content:
-            raise ValueError(f"{where}: `content` must be a string or a non-empty list of items, got {content!r:.80}.")
-        items = []
-        for item in content:
-            if not isinstance(item, dict) or "type" not in item:
-                raise ValueError(f"{where}: a content item must be a dict with a `type`, got {item!r:.80}.")
-            if item["type"] == "text":
-                if not isinstance(item.get("text"), str) or set(item) != {"type", "text"}:
-                    raise ValueError(
-                        f"{where}: a text item must be {{'type': 'text', 'text': <str>}}, got {item!r:.80}."
-                    )
-                items.append(item)
-            elif item["type"] == "audio":
-                items.append(_check_audio_item(item, where))
-            else:
-                raise ValueError(f"{where}: unknown content type {item['type']!r}; expected 'text' or 'audio'.")
-        checked.append({"role": role, "content": items, "thinking": thinking})
-    return checked
-
-
-def _as_audio_item(audio, name: str) -> dict:
-    """Helper inputs: a path, a content item dict, a `(waveform, sampling_rate)` tuple or a waveform at 24 kHz."""
-    if isinstance(audio, (str, os.PathLike)):
-        return {"type": "audio", "path": os.fspath(audio)}
-    if isinstance(audio, dict):
-        return _check_audio_item(audio, f"`{name}`")
-    if isinstance(audio, tuple) and len(audio) == 2:
-        return {"type": "audio", "audio": audio[0], "sampling_rate": audio[1]}
-    if isinstance(audio, (np.ndarray, torch.Tensor)):
-        return {"type": "audio", "audio": audio}
-    raise ValueError(
-        f"`{name}` must be a file path, an audio item dict, a (waveform, sampling_rate) tuple or a waveform array, "
-        f"got {type(audio).__name__}."
-    )
-
-
-def _is_batch(value) -> bool:
-    """Helper inputs: a list holds one input per sample (a tuple is one `(waveform, sampling_rate)` audio)."""
-    return isinstance(value, list)
-
-
-def _is_conversation_batch(conversation) -> bool:
-    return (
-        isinstance(conversation, (list, tuple))
-        and len(conversation) > 0
-        and isinstance(conversation[0], (list, tuple))
-    )
-
-
-def _clean_v25_transcript(text: str) -> str:
-    """
-    MiMo-V2.5-ASR's transcript cleanup, in the original's order: strip, remove `<|empty|>`, `<|eot|>` and
-    `<|eostm|>`, then, when a language tag is left, remove `<chinese>` / `<english>` and strip again.
-    """
-    text = text.strip()
-    for token in (SPECIAL_TOKENS["empty_token"], SPECIAL_TOKENS["eot_token"], SPECIAL_TOKENS["eostm_token"]):
-        text = text.replace(token, "")
-    tags = [tag for tag in V25_LANGUAGE_TAGS.values() if tag]
-    if any(tag in text for tag in tags):
-        for tag in tags:
-            text = text.replace(tag, "")
-        text = text.strip()
-    return text
 
 
 def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFeatureExtractor:
@@ -440,11 +69,6 @@ def _feature_extractor_for(codec: MiMoAudioTokenizerModel | None) -> MiMoAudioFe
     if codec is None:
         return MiMoAudioFeatureExtractor()
     return MiMoAudioFeatureExtractor.from_audio_tokenizer_config(codec.config)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Processor
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 class MiMoAudioProcessorKwargs(ProcessingKwargs, total=False):
@@ -695,7 +319,7 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("`conversation` must be a non-empty list of messages or a list of conversations.")
-        conversations = conversation if _is_conversation_batch(conversation) else [conversation]
+        conversations = conversation if is_conversation_batch(conversation) else [conversation]
         tags = self._language_tags(language, len(conversations))
         if any(tags) and (output_modality != "text" or thinking or not add_generation_prompt):
             raise ValueError(
@@ -703,8 +327,8 @@ class MiMoAudioProcessor(ProcessorMixin):
                 "`output_modality='text'` and `thinking=False`."
             )
         batch = [
-            _render_conversation(
-                _check_conversation(conv, index), add_generation_prompt, output_modality, thinking, language_tag=tag
+            render_conversation(
+                check_conversation(conv, index), add_generation_prompt, output_modality, thinking, language_tag=tag
             )
             for index, (conv, tag) in enumerate(zip(conversations, tags))
         ]
@@ -771,21 +395,21 @@ class MiMoAudioProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(item, str) for item in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
-        clips = [] if audio is None else (list(audio) if _is_batch(audio) else [audio])
+        clips = [] if audio is None else (list(audio) if is_batch(audio) else [audio])
         placeholders = sum(item.count(self.audio_token) for item in texts)
         if placeholders != len(clips):
             raise ValueError(
                 f"`text` has {placeholders} audio placeholder(s) (`{self.audio_token}`) but `audio` has {len(clips)} "
                 "clip(s): give one clip per placeholder."
             )
-        items = iter([_as_audio_item(clip, "audio") for clip in clips])
+        items = iter([as_audio_item(clip, "audio") for clip in clips])
         batch = []
         for item in texts:
             parts = item.split(self.audio_token)
-            pieces = [_Text(parts[0])]
+            pieces = [TextPiece(parts[0])]
             for part in parts[1:]:
-                pieces += [_Speech(next(items)), _Text(part)]
-            batch.append([piece for piece in pieces if not isinstance(piece, _Text) or piece.text])
+                pieces += [SpeechPiece(next(items)), TextPiece(part)]
+            batch.append([piece for piece in pieces if not isinstance(piece, TextPiece) or piece.text])
         max_length = text_kwargs.get("max_length") if text_kwargs.get("padding") == "max_length" else None
         return self._build_inputs(batch, max_length=max_length)
 
@@ -824,18 +448,17 @@ class MiMoAudioProcessor(ProcessorMixin):
         """
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise ValueError(f"`instruction` must be a non-empty string or None, got {instruction!r:.80}.")
-        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
+        items = as_audio_items(audio)
         languages = language if isinstance(language, (list, tuple)) else [language] * len(items)
         self._language_tags(languages, len(items))
         if instruction is not None:
             instructions = [instruction] * len(items)
         elif self.model_variant == "mimo-v2.5-asr":
-            pools = {None: V25_ASR_INSTRUCTIONS["zh"] + V25_ASR_INSTRUCTIONS["en"], **V25_ASR_INSTRUCTIONS}
-            instructions = [random.choice(pools[item]) for item in languages]
+            instructions = [random.choice(V25_ASR_INSTRUCTION_POOLS[item]) for item in languages]
         else:
             instructions = [DEFAULT_ASR_INSTRUCTION] * len(items)
-        conversations = [_asr_messages(item, text) for item, text in zip(items, instructions)]
-        return self.apply_chat_template(conversations, language=list(languages))
+        samples = zip(items, instructions, languages)
+        return self._task_inputs("asr", [{"audio": a, "instruction": i, "language": lang} for a, i, lang in samples])
 
     def tts(
         self,
@@ -864,19 +487,19 @@ class MiMoAudioProcessor(ProcessorMixin):
             raise ValueError(
                 "`natural_instruction=True` takes the whole request in `text`; do not pass `instruction` or `style`."
             )
-        voice_item = None if voice is None else _as_audio_item(voice, "voice")
-        thinking = voice_item is not None or style is not None or natural_instruction
-        texts = text if _is_batch(text) else [text]
+        voice_item = None if voice is None else as_audio_item(voice, "voice")
+        texts = text if is_batch(text) else [text]
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("`text` must be a non-empty string or a list of them.")
-        conversations = [_tts_messages(t, instruction, style, voice_item, natural_instruction) for t in texts]
-        return self.apply_chat_template(conversations, output_modality="audio", thinking=thinking)
+        settings = {"instruction": instruction, "style": style, "voice": voice_item}
+        return self._task_inputs(
+            "tts", [{"text": t, **settings, "natural_instruction": natural_instruction} for t in texts]
+        )
 
     def audio_understanding(self, audio, question: str, thinking: bool = False) -> BatchFeature:
         """Answer a question about the audio in text (instruct model), optionally reasoning first."""
-        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
-        conversations = [[{"role": "user", "content": [item, _text_item(question)]}] for item in items]
-        return self.apply_chat_template(conversations, thinking=thinking)
+        samples = [{"audio": item, "question": question, "thinking": thinking} for item in as_audio_items(audio)]
+        return self._task_inputs("audio_understanding", samples)
 
     def spoken_dialogue(
         self, conversation, system_prompt: str | None = None, voice=None, output_modality: str = "audio"
@@ -892,20 +515,23 @@ class MiMoAudioProcessor(ProcessorMixin):
             output_modality: `"audio"` (spoken answer, opens with `<|sostm|>`) or `"text"` (speech-to-text dialogue,
                 opens with an empty thinking block).
         """
-        conversations = conversation if _is_conversation_batch(conversation) else [conversation]
-        voice_item = None if voice is None else _as_audio_item(voice, "voice")
-        messages = [
-            _spoken_dialogue_messages(_check_conversation(conv, index), system_prompt, voice_item)
+        conversations = conversation if is_conversation_batch(conversation) else [conversation]
+        voice_item = None if voice is None else as_audio_item(voice, "voice")
+        samples = [
+            {"conversation": check_conversation(conv, index), "system_prompt": system_prompt, "voice": voice_item}
             for index, conv in enumerate(conversations)
         ]
-        return self.apply_chat_template(messages, output_modality=output_modality)
+        tasks = {"audio": "spoken_dialogue", "text": "speech_to_text_dialogue"}
+        if output_modality not in tasks:
+            raise ValueError(f"`output_modality` must be 'text' or 'audio', got {output_modality!r}.")
+        return self._task_inputs(tasks[output_modality], samples)
 
     def text_dialogue(self, conversation, thinking: bool = False) -> BatchFeature:
         """Text chat (instruct model): messages, or a string as one user turn; a list of those for a batch."""
-        is_batch = _is_batch(conversation) and len(conversation) > 0 and not isinstance(conversation[0], dict)
-        conversations = conversation if is_batch else [conversation]
+        batched = is_batch(conversation) and len(conversation) > 0 and not isinstance(conversation[0], dict)
+        conversations = conversation if batched else [conversation]
         conversations = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
-        return self.apply_chat_template(conversations, thinking=thinking)
+        return self._task_inputs("text_dialogue", [{"conversation": c, "thinking": thinking} for c in conversations])
 
     def in_context_learning(self, audio, examples: list[dict], instruction: str) -> BatchFeature:
         """
@@ -929,33 +555,36 @@ class MiMoAudioProcessor(ProcessorMixin):
                 raise ValueError(f"Example {index}: `output_text` must be the non-empty transcript of `output_audio`.")
             checked.append(
                 {
-                    "input_audio": _as_audio_item(example["input_audio"], f"examples[{index}]['input_audio']"),
-                    "output_audio": _as_audio_item(example["output_audio"], f"examples[{index}]['output_audio']"),
+                    "input_audio": as_audio_item(example["input_audio"], f"examples[{index}]['input_audio']"),
+                    "output_audio": as_audio_item(example["output_audio"], f"examples[{index}]['output_audio']"),
                     "output_text": example["output_text"],
                 }
             )
-        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
-        return self._build_inputs([_in_context_learning_pieces(item, checked, instruction) for item in items])
+        samples = [{"audio": item, "examples": checked, "instruction": instruction} for item in as_audio_items(audio)]
+        return self._task_inputs("in_context_learning", samples)
 
     def speech_continuation(self, audio) -> BatchFeature:
         """Continue the given speech (base model): `<|sosp|>` and the prompt's patches, left open."""
-        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
-        return self._build_inputs([_speech_continuation_pieces(item) for item in items])
+        return self._task_inputs("speech_continuation", [{"audio": item} for item in as_audio_items(audio)])
 
     def generation_kwargs(self, task: str) -> dict:
         """
         The original's way of generating a task helper's answer, as `generate` keyword arguments: `eos_token_id` (end
-        of text plus the task's stop tokens) and the text and audio sampling of `TASK_GENERATION`. `task` is a helper's
-        name, or `"speech_to_text_dialogue"` for `spoken_dialogue(..., output_modality="text")`.
+        of text plus the task's stop tokens) and the text and audio sampling of the task's entry in
+        `prompting_mimo_audio.TASKS`. `task` is a helper's name, or `"speech_to_text_dialogue"` for
+        `spoken_dialogue(..., output_modality="text")`.
 
         Example: `model.generate(**processor.asr(audio), **processor.generation_kwargs("asr"), max_new_tokens=256)`.
         """
-        if task not in TASK_GENERATION:
-            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASK_GENERATION)}.")
-        stop_tokens, text_sampling, audio_sampling = TASK_GENERATION[task]
-        stop_ids = [self.tokenizer.eos_token_id] + [getattr(self, f"{name}_id") for name in stop_tokens]
+        entry = get_task(task)
+        stop_ids = [self.tokenizer.eos_token_id] + [getattr(self, f"{name}_id") for name in entry.stop_tokens]
         stop_ids = list(dict.fromkeys(token for token in stop_ids if token is not None))
-        return {"eos_token_id": stop_ids, **text_sampling, **audio_sampling}
+        return {"eos_token_id": stop_ids, **entry.text_sampling, **entry.audio_sampling}
+
+    def _task_inputs(self, task: str, samples: list[dict]) -> BatchFeature:
+        """Model inputs of a batch of `task` prompts: `samples` holds each sample's inputs to the task's builder."""
+        entry = get_task(task)
+        return self._build_inputs([entry.prompt_pieces(index, **sample) for index, sample in enumerate(samples)])
 
     # ------------------------------------------------------------------------------------------------ audio -> codes
 
@@ -967,8 +596,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         Returns:
             a list of int64 tensors `(num_patches, group_size, audio_channels)`, one per clip.
         """
-        items = [_as_audio_item(a, "audio") for a in (audio if _is_batch(audio) else [audio])]
-        return self._audio_items_to_patches(items)
+        return self._audio_items_to_patches(as_audio_items(audio))
 
     def _audio_items_to_patches(self, items: list[dict]) -> list[torch.Tensor]:
         frames: list[torch.Tensor | None] = [None] * len(items)
@@ -1036,10 +664,10 @@ class MiMoAudioProcessor(ProcessorMixin):
             source = item.get("path") or item.get("url")
             data = self._read_source(item, index)
             try:
-                array, sampling_rate = sf.read(data, dtype="float32", always_2d=True)
+                waveform, sampling_rate = read_audio(data)
             except Exception as error:  # soundfile raises several error types for unreadable data
                 raise ValueError(f"Audio {index}: cannot decode {source!r} as audio ({error}).") from error
-            waveform = torch.from_numpy(array.T.copy()).mean(dim=0)  # (channels, samples) -> mono, as the original
+            waveform = waveform.mean(dim=0)  # (channels, samples) -> mono, as the original
         if waveform.numel() == 0:
             raise ValueError(f"Audio {index}: the audio is empty (0 samples).")
         return waveform.float(), int(sampling_rate)
@@ -1103,21 +731,8 @@ class MiMoAudioProcessor(ProcessorMixin):
     def _encode_clips(self, waveforms: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
         """Each clip's log-mel, then the codec on all of them in one padded batch; frames `(frames, channels)`."""
         features = [self.feature_extractor(wave, sampling_rate=rate)["input_features"][0] for wave, rate in waveforms]
-        max_frames = max(feature.shape[-1] for feature in features)
-        input_features = torch.zeros(len(features), features[0].shape[0], max_frames)
-        input_features_mask = torch.zeros(len(features), max_frames, dtype=torch.long)
-        for index, feature in enumerate(features):
-            input_features[index, :, : feature.shape[-1]] = feature
-            input_features_mask[index, : feature.shape[-1]] = 1
-        codec = self.audio_tokenizer
-        with torch.no_grad():
-            encoded = codec.encode(
-                input_features.to(codec.device),
-                input_features_mask.to(codec.device),
-                num_quantizers=self.audio_channels,
-            )
-        codes, lengths = encoded.audio_codes.cpu(), encoded.audio_codes_mask.sum(-1).cpu()
-        return [codes[index, : self.audio_channels, : int(length)].T.long() for index, length in enumerate(lengths)]
+        codes = self.audio_tokenizer.encode_clips(features, num_quantizers=self.audio_channels)
+        return [clip_codes.T.long() for clip_codes in codes]
 
     def _group_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames `(frames, C)` -> patches `(num_patches, group_size, C)`, repeating the last frame as padding."""
@@ -1131,7 +746,7 @@ class MiMoAudioProcessor(ProcessorMixin):
     def _build_inputs(self, batch: list[list], max_length: int | None = None) -> BatchFeature:
         """Turn the pieces of each sample into positions, encode all audio at once, pad on the left (to the longest
         sample, or to `max_length`)."""
-        audio_items = [piece.audio for pieces in batch for piece in pieces if not isinstance(piece, _Text)]
+        audio_items = [piece.audio for pieces in batch for piece in pieces if not isinstance(piece, TextPiece)]
         patches = iter(self._audio_items_to_patches(audio_items))
         rows = [self._pieces_to_row(pieces, patches) for pieces in batch]
 
@@ -1160,7 +775,7 @@ class MiMoAudioProcessor(ProcessorMixin):
 
     def _pieces_to_row(self, pieces: list, patches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One sample: text ids `(seq_len,)` and patches `(seq_len, group_size, audio_channels)`."""
-        segments = _expand_pieces(pieces, self._tokenize, patches, self)
+        segments = expand_pieces(pieces, self._tokenize, patches, self)
         empty_patch = torch.tensor(self.audio_empty_ids).expand(self.group_size, -1)
         text = torch.tensor([token for token_ids, _ in segments for token in token_ids], dtype=torch.long)
         audio = torch.cat(
@@ -1288,25 +903,22 @@ class MiMoAudioProcessor(ProcessorMixin):
         output = self.batch_decode_generation(sequences, audio_sequences, prompt_length=prompt_length, **kwargs)
         return output.text[0], output.audio[0]
 
+    @property
+    def _answer_end_ids(self) -> list[int]:
+        """The ids an answer's text ends at: end-of-text, padding and the layout's `ANSWER_END_TOKENS`."""
+        ends = [getattr(self, f"{name}_id") for name in ANSWER_END_TOKENS]
+        return [self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, *ends]
+
     def _text_end(self, text_ids: torch.Tensor) -> int:
-        stops = torch.tensor([self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.im_end_token_id])
-        hits = torch.isin(text_ids, stops).nonzero()
-        return int(hits[0, 0]) if hits.numel() else text_ids.shape[0]
+        return answer_text_end(text_ids, self._answer_end_ids)
 
     def _clean_text(self, text_ids: torch.Tensor, skip_special_tokens: bool) -> str:
         text = self.tokenizer.decode(text_ids.tolist(), skip_special_tokens=skip_special_tokens)
-        if self.model_variant == "mimo-v2.5-asr":
-            return _clean_v25_transcript(text)
-        for token in (SPECIAL_TOKENS["empty_token"], SPECIAL_TOKENS["eot_token"], SPECIAL_TOKENS["eostm_token"]):
-            text = text.replace(token, "")
-        return text.strip()
+        return clean_answer_text(text, self.model_variant)
 
     def _speech_frames(self, text_ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """The generated speech frames `(frames, audio_channels)` of one sample."""
-        starts = (text_ids == self.sostm_token_id).nonzero()
-        ends = (text_ids == self.eostm_token_id).nonzero()
-        start = int(starts[0, 0]) + 1 if starts.numel() else 0
-        end = int(ends[0, 0]) if ends.numel() else text_ids.shape[0]
+        start, end = speech_stream_span(text_ids, self.sostm_token_id, self.eostm_token_id)
         frames = (
             patches[start:end].reshape(-1, self.audio_channels)
             if end > start
@@ -1324,28 +936,14 @@ class MiMoAudioProcessor(ProcessorMixin):
         Codes of several clips, each `(audio_channels, frames)`, -> their waveforms `(samples,)` (float32, CPU).
 
         As in the original, every clip is decoded in segments of 1500 frames whose audio is concatenated; all segments
-        go through the codec in one padded batch (each is decoded as if it were alone).
+        go through the codec in one padded batch (each is decoded as if it were alone), see
+        `MiMoAudioTokenizerModel.decode_clips`.
         """
         if not codes:
             return []
         if self.audio_tokenizer is None:
             raise ValueError("Decoding speech needs the processor's `audio_tokenizer` (the codec).")
-        codec = self.audio_tokenizer
-        segments, owners = [], []
-        for clip, clip_codes in enumerate(codes):
-            for start in range(0, clip_codes.shape[-1], DECODE_SEGMENT_FRAMES):
-                segments.append(clip_codes[:, start : start + DECODE_SEGMENT_FRAMES])
-                owners.append(clip)
-        lengths = torch.tensor([segment.shape[-1] for segment in segments])
-        batch = torch.stack([torch.nn.functional.pad(s, (0, int(lengths.max()) - s.shape[-1])) for s in segments])
-        mask = (torch.arange(batch.shape[-1])[None] < lengths[:, None]).long()
-        with torch.no_grad():
-            decoded = codec.decode(batch.to(codec.device), mask.to(codec.device))
-        values, value_lengths = decoded.audio_values[:, 0].float().cpu(), decoded.audio_values_lengths.cpu()
-        pieces = [[] for _ in codes]
-        for index, clip in enumerate(owners):
-            pieces[clip].append(values[index, : int(value_lengths[index])])
-        return [torch.cat(clip_pieces) for clip_pieces in pieces]
+        return self.audio_tokenizer.decode_clips(codes)
 
     def stream_audio(
         self,
@@ -1376,7 +974,7 @@ class MiMoAudioProcessor(ProcessorMixin):
         if chunk_frames < 1:
             raise ValueError(f"`chunk_frames` must be positive, got {chunk_frames}.")
         codec = self.audio_tokenizer
-        stops = {self.eostm_token_id, self.im_end_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        stops = {self.eostm_token_id, *self._answer_end_ids}
         pending, caches, finished = [], [], []
 
         def decode(index: int, last: bool) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .modeling_mimo_audio import IGNORE_INDEX
+from .prompting_mimo_audio import ASSISTANT_TURN_START, THINK_SKIPPED, TURN_END
 
 
 # LoRA target presets (regular expressions matched in full against module names, as PEFT does for a string).
@@ -104,9 +105,9 @@ class MiMoAudioDataCollator:
         def encode(text):
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        self.assistant_header = encode("<|im_start|>assistant\n")
-        self.empty_thinking = encode("<think>\n\n</think>\n")
-        self.turn_end = encode("<|im_end|>\n")
+        self.assistant_header = encode(ASSISTANT_TURN_START)
+        self.empty_thinking = encode(THINK_SKIPPED)
+        self.turn_end = encode(TURN_END)
 
     def assistant_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """
