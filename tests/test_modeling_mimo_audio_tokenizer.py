@@ -731,3 +731,61 @@ def test_decode_rejects_bad_input(make_input, message):
     codes = golden("tok_a")["fp32.codes_single_segment"][None].clone()
     with pytest.raises(ValueError, match=message):
         model("tok_a").decode(**make_input(codes))
+
+
+# ------------------------------------------------------------------------------- segmented encode / decode of clips
+
+
+@pytest.mark.parametrize("segments_per_call", [None, 1, 2])
+def test_encode_clips_equals_encode_of_each_clip_alone(segments_per_call):
+    """Clips longer than `segment_length` are cut into segments; however the segments are batched, every clip gets
+    exactly the codes `encode` gives it alone, and `progress` counts the segments."""
+    tokenizer = MiMoAudioTokenizerModel.from_pretrained(GOLDEN / "tok_a" / "checkpoint", segment_length=64)
+    full = mel("tok_a")[0]
+    clips = [full[:, :150], full[:, :40], full]  # 3, 1 and ceil(frames / 64) segments
+    calls = []
+    codes = tokenizer.encode_clips(
+        clips, num_quantizers=8, segments_per_call=segments_per_call, progress=lambda *done: calls.append(done)
+    )
+    total = sum(-(-clip.shape[-1] // 64) for clip in clips)
+    per_call = segments_per_call or total
+    assert calls == [(min(done, total), total) for done in range(per_call, total + per_call, per_call)]
+    for clip, clip_codes in zip(clips, codes):
+        assert torch.equal(clip_codes, tokenizer.encode(clip[None], num_quantizers=8).audio_codes[0])
+
+
+def test_decode_clips_in_segments_of_1500_frames():
+    """Each clip is decoded in segments of `DECODE_SEGMENT_FRAMES` whose audio is concatenated: one segment per call
+    gives exactly each segment's `decode`, all segments in one padded batch give the same audio."""
+    tokenizer = model("tok_a")
+    codes = golden("tok_a")["fp32.codes_single_segment"][:8]  # (8, 63)
+    clips = [codes, codes[:, :20]]
+    one_by_one = tokenizer.decode_clips(clips, segment_frames=25, segments_per_call=1)
+    expected = [
+        torch.cat([valid_audio(tokenizer.decode(clip[None, :, s : s + 25]))[0] for s in range(0, clip.shape[-1], 25)])
+        for clip in clips
+    ]
+    for waveform, reference in zip(one_by_one, expected):
+        assert waveform.dtype == torch.float32 and waveform.device.type == "cpu"
+        assert torch.equal(waveform, reference)
+    batched = tokenizer.decode_clips(clips, segment_frames=25)
+    for waveform, reference in zip(batched, expected):
+        torch.testing.assert_close(waveform, reference, rtol=0, atol=WAV_ATOL)
+    (whole,) = tokenizer.decode_clips([codes])  # 63 frames < 1500: one segment
+    assert torch.equal(whole, valid_audio(tokenizer.decode(codes[None]))[0])
+    assert tokenizer.decode_clips([]) == []
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda t: t.encode_clips([torch.zeros(32)]), r"input_features\[0\]"),
+        (lambda t: t.encode_clips([torch.zeros(32, 0)]), r"input_features\[0\]"),
+        (lambda t: t.decode_clips([torch.zeros(8, 5, dtype=torch.long), torch.zeros(8)]), r"audio_codes\[1\]"),
+        (lambda t: t.decode_clips([torch.zeros(8, 5, dtype=torch.long)], segment_frames=0), "segment size"),
+        (lambda t: t.encode_clips([torch.zeros(32, 5)], segments_per_call=0), "segments_per_call"),
+    ],
+)
+def test_segmented_clips_reject_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model("tok_a"))

@@ -4,7 +4,10 @@ The resampling and the filterbank are pure PyTorch and reproduce torchaudio's de
 ``torchaudio.functional.melscale_fbanks(norm=None, mel_scale="htk")``), so no torchaudio dependency is needed.
 """
 
+import io
 import math
+import os
+import urllib.request
 
 import soundfile as sf
 import torch
@@ -131,12 +134,31 @@ def htk_mel_filter_bank(
     return torch.clamp(torch.minimum(rising, falling), min=0.0)
 
 
-def read_audio(source) -> tuple[torch.Tensor, int]:
+def read_audio(path: str | os.PathLike | None = None, url: str | None = None) -> tuple[torch.Tensor, int]:
     """
-    An audio file decoded with soundfile at its own rate: a float32 waveform `(channels, samples)` and the rate in Hz.
+    An audio file, local (`path`) or downloaded (`url`, any scheme `urllib` opens), decoded with soundfile at its own
+    rate: a float32 waveform `(channels, samples)` and the rate in Hz. Downmixing and resampling are left to the
+    caller (the feature extractor does both as the original does; Transformers' `load_audio` would resample with soxr
+    instead, and reads only http(s) URLs).
 
-    `source` is a path or a file-like object. Downmixing and resampling are left to the caller (the feature extractor
-    does both as the original does; Transformers' `load_audio` would resample with soxr instead).
+    Raises a `ValueError` when there is no file at `path`, the download fails or the data is not audio.
     """
-    array, sampling_rate = sf.read(source, dtype="float32", always_2d=True)
+    if (path is None) == (url is None):
+        raise ValueError("Give exactly one of `path` and `url`.")
+    if path is not None:
+        source = os.fspath(path)
+        if not os.path.isfile(source):
+            raise ValueError(f"no audio file at {source!r}.")
+        data = source
+    else:
+        source = url
+        try:
+            with urllib.request.urlopen(url) as response:
+                data = io.BytesIO(response.read())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot download {url!r} ({error}).") from error
+    try:
+        array, sampling_rate = sf.read(data, dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several error types for unreadable data
+        raise ValueError(f"cannot decode {source!r} as audio ({error}).") from error
     return torch.from_numpy(array.T.copy()), int(sampling_rate)

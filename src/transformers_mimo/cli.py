@@ -527,7 +527,7 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
     """An audio file as a float32 waveform `(channels, samples)` and its sampling rate."""
     from .audio_utils import read_audio as read_audio_file
 
-    waveform, rate = read_audio_file(path)
+    waveform, rate = read_audio_file(path=path)
     if waveform.shape[-1] == 0:
         raise InputError(f"{path!r} holds no samples.")
     return waveform, rate

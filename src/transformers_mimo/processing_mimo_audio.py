@@ -12,10 +12,8 @@ is generated live in `prompting_mimo_audio.py`; the processor turns those layout
 the codec and decodes generations.
 """
 
-import io
 import os
 import random
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -491,10 +489,8 @@ class MiMoAudioProcessor(ProcessorMixin):
         texts = text if is_batch(text) else [text]
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("`text` must be a non-empty string or a list of them.")
-        settings = {"instruction": instruction, "style": style, "voice": voice_item}
-        return self._task_inputs(
-            "tts", [{"text": t, **settings, "natural_instruction": natural_instruction} for t in texts]
-        )
+        settings = {"instruction": instruction, "style": style, "voice": voice_item, "natural": natural_instruction}
+        return self._task_inputs("tts", [{"text": t, **settings} for t in texts])
 
     def audio_understanding(self, audio, question: str, thinking: bool = False) -> BatchFeature:
         """Answer a question about the audio in text (instruct model), optionally reasoning first."""
@@ -661,29 +657,14 @@ class MiMoAudioProcessor(ProcessorMixin):
                     f"Audio {index}: expected a waveform (samples,) or (channels, samples), got {tuple(waveform.shape)}."
                 )
         else:
-            source = item.get("path") or item.get("url")
-            data = self._read_source(item, index)
             try:
-                waveform, sampling_rate = read_audio(data)
-            except Exception as error:  # soundfile raises several error types for unreadable data
-                raise ValueError(f"Audio {index}: cannot decode {source!r} as audio ({error}).") from error
+                waveform, sampling_rate = read_audio(path=item.get("path"), url=item.get("url"))
+            except ValueError as error:
+                raise ValueError(f"Audio {index}: {error}") from error
             waveform = waveform.mean(dim=0)  # (channels, samples) -> mono, as the original
         if waveform.numel() == 0:
             raise ValueError(f"Audio {index}: the audio is empty (0 samples).")
         return waveform.float(), int(sampling_rate)
-
-    @staticmethod
-    def _read_source(item: dict, index: int):
-        if item.get("path") is not None:
-            path = item["path"]
-            if not os.path.isfile(path):
-                raise ValueError(f"Audio {index}: no audio file at {path!r}.")
-            return path
-        try:
-            with urllib.request.urlopen(item["url"]) as response:
-                return io.BytesIO(response.read())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Audio {index}: cannot download {item['url']!r} ({error}).") from error
 
     def _waveforms_to_codes(self, waveforms: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
         """

@@ -18,8 +18,9 @@ Nothing here needs a model or a tokenizer: text is tokenized by the callable the
 
 import os
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -363,26 +364,26 @@ def build_asr_prompt(audio: dict, instruction: str, language: str | None = None)
 
 
 def build_tts_prompt(
-    text: str, instruction: str | None, style: str | None, voice: dict | None, natural_instruction: bool
+    text: str, instruction: str | None, style: str | None, voice: dict | None, natural: bool
 ) -> ChatPrompt:
     """
-    Text to speech: `"{instruction}: {text}"` (plus `"({style})"`), or the free-form request alone; a style or a
-    free-form request adds the style system prompt, a voice prompt the voice system turn. The assistant thinks first
-    when there is a style, a voice or a free-form request.
+    Text to speech: `"{instruction}: {text}"` (plus `"({style})"`), or the free-form request alone (`natural`); a
+    style or a free-form request adds the style system prompt, a voice prompt the voice system turn. The assistant
+    thinks first when there is a style, a voice or a free-form request.
     """
     text = _tts_text(text)
     if instruction is None:
         instruction = DEFAULT_TTS_INSTRUCTION["zh" if _contains_chinese(text) else "en"]
-    if natural_instruction:
+    if natural:
         request = text
     else:
         request = f"{instruction}: {text}" + (f"({style})" if style is not None else "")
     messages = [{"role": "user", "content": [text_item(request)]}]
     if voice is not None:
         messages.insert(0, {"role": "system", "content": [text_item(TTS_VOICE_SYSTEM_PROMPT), voice]})
-    elif style is not None or natural_instruction:
+    elif style is not None or natural:
         messages.insert(0, {"role": "system", "content": [text_item(TTS_STYLE_SYSTEM_PROMPT)]})
-    return ChatPrompt(messages, thinking=voice is not None or style is not None or natural_instruction)
+    return ChatPrompt(messages, thinking=voice is not None or style is not None or natural)
 
 
 def build_audio_understanding_prompt(audio: dict, question: str, thinking: bool = False) -> ChatPrompt:
@@ -438,13 +439,16 @@ def build_speech_continuation_prompt(audio: dict) -> list:
 
 # How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
 # `task_sampler_configs`). Every task of the original samples audio at temperature 0.9 with top-p 0.95. A top-k of 0
-# is "no top-k" (None would be filled in from a checkpoint's stored generation config).
-_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": 0, "audio_top_p": 0.95}
-_GREEDY_TEXT = {"do_sample": False}
+# is "no top-k" (None would be filled in from a checkpoint's stored generation config). Read-only: they are shared.
+_AUDIO_SAMPLING = MappingProxyType(
+    {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": 0, "audio_top_p": 0.95}
+)
+_GREEDY = MappingProxyType({"do_sample": False})
 
 
-def _text_sampling(temperature: float, top_p: float, top_k: int = 0) -> dict:
-    return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+def _sampling(temperature: float, top_p: float, top_k: int = 0) -> Mapping:
+    """Text sampling `generate` arguments."""
+    return MappingProxyType({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p})
 
 
 @dataclass(frozen=True)
@@ -462,15 +466,16 @@ class MiMoAudioTask:
             prompt with `thinking=True`.
         stop_tokens (`tuple[str, ...]`): the `SPECIAL_TOKENS` / `CHAT_TOKENS` names generation stops at, besides
             the tokenizer's end-of-text.
-        text_sampling, audio_sampling (`dict`): the text and audio sampling `generate` arguments.
+        text_sampling, audio_sampling (`Mapping`): the text and audio sampling `generate` arguments (audio: the
+            original's 0.9 temperature and 0.95 top-p by default).
     """
 
     build_prompt: Callable[..., "ChatPrompt | list"]
     output_modality: str
     thinking: bool
     stop_tokens: tuple[str, ...]
-    text_sampling: dict
-    audio_sampling: dict
+    text_sampling: Mapping
+    audio_sampling: Mapping = field(default_factory=lambda: _AUDIO_SAMPLING)
 
     def prompt_pieces(self, index: int = 0, **inputs) -> list:
         """
@@ -494,72 +499,30 @@ class MiMoAudioTask:
 # One entry per task; the key is the processor method's name (`"speech_to_text_dialogue"` is `spoken_dialogue(...,
 # output_modality="text")`). Speech continuation has no builder in the original: it ends where the open speech segment
 # would be closed, at `<|eosp|>`, and samples with the original's defaults for other tasks.
-_ANSWER_STOP = ("im_end_token",)
-_SPEECH_STOP = ("eostm_token", "im_end_token")
+_TEXT_ANSWER = ("im_end_token",)
+_SPEECH_ANSWER = ("eostm_token", "im_end_token")
 TASKS = {
-    "asr": MiMoAudioTask(
-        build_asr_prompt,
-        output_modality="text",
-        thinking=False,
-        stop_tokens=_ANSWER_STOP,
-        text_sampling=_GREEDY_TEXT,
-        audio_sampling=_AUDIO_SAMPLING,
-    ),
+    # name: MiMoAudioTask(prompt builder, output modality, thinking, stop tokens, text sampling[, audio sampling])
+    "asr": MiMoAudioTask(build_asr_prompt, "text", False, _TEXT_ANSWER, _GREEDY),
     "audio_understanding": MiMoAudioTask(
-        build_audio_understanding_prompt,
-        output_modality="text",
-        thinking=True,
-        stop_tokens=_ANSWER_STOP,
-        text_sampling=_text_sampling(0.3, 0.95),
-        audio_sampling=_AUDIO_SAMPLING,
+        build_audio_understanding_prompt, "text", True, _TEXT_ANSWER, _sampling(0.3, 0.95)
     ),
-    "text_dialogue": MiMoAudioTask(
-        build_text_dialogue_prompt,
-        output_modality="text",
-        thinking=True,
-        stop_tokens=_ANSWER_STOP,
-        text_sampling=_text_sampling(0.4, 0.95),
-        audio_sampling=_AUDIO_SAMPLING,
-    ),
+    "text_dialogue": MiMoAudioTask(build_text_dialogue_prompt, "text", True, _TEXT_ANSWER, _sampling(0.4, 0.95)),
     "speech_to_text_dialogue": MiMoAudioTask(
-        build_spoken_dialogue_prompt,
-        output_modality="text",
-        thinking=False,
-        stop_tokens=_ANSWER_STOP,
-        text_sampling=_text_sampling(0.6, 0.95),
-        audio_sampling=_AUDIO_SAMPLING,
+        build_spoken_dialogue_prompt, "text", False, _TEXT_ANSWER, _sampling(0.6, 0.95)
     ),
-    "tts": MiMoAudioTask(
-        build_tts_prompt,
-        output_modality="audio",
-        thinking=True,
-        stop_tokens=_SPEECH_STOP,
-        text_sampling=_text_sampling(0.6, 1.0),
-        audio_sampling=_AUDIO_SAMPLING,
-    ),
+    "tts": MiMoAudioTask(build_tts_prompt, "audio", True, _SPEECH_ANSWER, _sampling(0.6, 1.0)),
     "spoken_dialogue": MiMoAudioTask(
-        build_spoken_dialogue_prompt,
-        output_modality="audio",
-        thinking=False,
-        stop_tokens=_SPEECH_STOP,
-        text_sampling=_text_sampling(0.6, 0.95),
-        audio_sampling=_AUDIO_SAMPLING,
+        build_spoken_dialogue_prompt, "audio", False, _SPEECH_ANSWER, _sampling(0.6, 0.95)
     ),
-    "in_context_learning": MiMoAudioTask(
-        build_in_context_learning_prompt,
-        output_modality="audio",
-        thinking=False,
-        stop_tokens=("eostm_token",),
-        text_sampling=_GREEDY_TEXT,
-        audio_sampling=_AUDIO_SAMPLING,
-    ),
+    "in_context_learning": MiMoAudioTask(build_in_context_learning_prompt, "audio", False, ("eostm_token",), _GREEDY),
     "speech_continuation": MiMoAudioTask(
         build_speech_continuation_prompt,
-        output_modality="audio",
-        thinking=False,
-        stop_tokens=("eosp_token",),
-        text_sampling=_text_sampling(0.6, 0.95, top_k=50),
-        audio_sampling={**_AUDIO_SAMPLING, "audio_top_k": 50},
+        "audio",
+        False,
+        ("eosp_token",),
+        _sampling(0.6, 0.95, top_k=50),
+        MappingProxyType({**_AUDIO_SAMPLING, "audio_top_k": 50}),
     ),
 }
 
