@@ -334,7 +334,7 @@ def is_conversation_batch(conversation) -> bool:
 
 @dataclass
 class ChatPrompt:
-    """
+    r"""
     A chat prompt before layout: the messages, and how the answer opens after them (see `generation_prompt`).
 
     Args:
@@ -453,7 +453,7 @@ def _sampling(temperature: float, top_p: float, top_k: int = 0) -> Mapping:
 
 @dataclass(frozen=True)
 class MiMoAudioTask:
-    """
+    r"""
     One task: how its prompt is laid out and how the original generates its answer.
 
     Args:
