@@ -22,6 +22,7 @@ LAYERS = {
     "configuration_mimo_audio": 1,
     "configuration_mimo_audio_tokenizer": 1,
     "feature_extraction_mimo_audio": 1,
+    "prompting_mimo_audio": 1,
     "modeling_mimo_audio": 2,
     "modeling_mimo_audio_tokenizer": 2,
     "processing_mimo_audio": 3,

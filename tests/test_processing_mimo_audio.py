@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
 import transformers_mimo.modeling_mimo_audio_tokenizer as modeling_mimo_audio_tokenizer
+import transformers_mimo.processing_mimo_audio as processing
 import transformers_mimo.prompting_mimo_audio as prompting
 from transformers_mimo import MiMoAudioProcessor
 from transformers_mimo.feature_extraction_mimo_audio import MiMoAudioFeatureExtractor
@@ -436,7 +437,7 @@ def test_special_token_ids_and_missing_tokens_are_added():
     _, manifest = _golden("lm_a")
     processor = _processor("lm_a", with_codec=False)
     ids = manifest["special_token_ids"]
-    for name, token in {**prompting.SPECIAL_TOKENS, **prompting.CHAT_TOKENS}.items():
+    for name, token in {**processing.SPECIAL_TOKENS, **processing.CHAT_TOKENS}.items():
         assert getattr(processor, f"{name}_id") == ids[token]
     # The golden tokenizer without MiMo-Audio's tokens (only <|endoftext|>, <|im_start|>, <|im_end|> = 400..402).
     spec = json.loads((GOLDEN / "lm_a" / "checkpoint" / "tokenizer.json").read_text())
@@ -446,9 +447,9 @@ def test_special_token_ids_and_missing_tokens_are_added():
     )
     assert "<|sosp|>" not in bare.get_vocab() and len(bare) == 403
     processor = MiMoAudioProcessor(MiMoAudioFeatureExtractor(n_mels=32), bare, audio_empty_ids=[64, 64] + [16] * 6)
-    added = [getattr(processor, f"{name}_id") for name in prompting.SPECIAL_TOKENS]
+    added = [getattr(processor, f"{name}_id") for name in processing.SPECIAL_TOKENS]
     assert sorted(added) == list(range(403, 411))
-    for name, token in prompting.SPECIAL_TOKENS.items():
+    for name, token in processing.SPECIAL_TOKENS.items():
         assert bare(token, add_special_tokens=False)["input_ids"] == [getattr(processor, f"{name}_id")]
 
 

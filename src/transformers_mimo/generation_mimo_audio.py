@@ -66,7 +66,7 @@ MIMO_AUDIO_GENERATION_DEFAULTS = {
 }
 
 # The original's default sampling (`MimoAudio`'s default samplers): text top-k 50 / top-p 0.95 / temperature 0.6,
-# audio top-p 0.95 / temperature 0.9. The per-task settings (`TASK_GENERATION` of the processor) start from these.
+# audio top-p 0.95 / temperature 0.9. The per-task settings (`TASKS` of `prompting_mimo_audio`) start from these.
 ORIGINAL_TEXT_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
 ORIGINAL_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_p": 0.95}
 

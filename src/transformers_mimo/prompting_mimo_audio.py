@@ -1,7 +1,7 @@
 """MiMo-Audio's prompt layouts and tasks: the one module that knows how prompts look.
 
-- Layout constants: MiMo-Audio's special tokens, the chat turns, the thinking blocks and the fixed instructions the
-  original models were trained with.
+- Layout constants: the chat turns, the thinking blocks and the fixed instructions the original models were trained
+  with (the special tokens themselves are `SPECIAL_TOKENS` of `conversion_mapping_mimo_audio`).
 - Typed prompt pieces: [`TextPiece`] (text tokenized on its own, as the original tokenizes every segment),
   [`SpeechPiece`] (`<|sosp|>` patches `<|eosp|>`) and [`SpeechStreamPiece`] (the assistant speech stream:
   `<|sostm|>`, text chunks of 5 tokens interleaved with 5 patches, `<|eot|>`, `<|eostm|>`), turned into model
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .conversion_mapping_mimo_audio import SPECIAL_TOKENS
+from .generation_mimo_audio import ORIGINAL_AUDIO_SAMPLING, ORIGINAL_TEXT_SAMPLING
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,17 +439,16 @@ def build_speech_continuation_prompt(audio: dict) -> list:
 # ----------------------------------------------------------------------------------------------------------------------
 
 # How the original generates each task's answer (its per-task stoppers and samplers, `MimoAudio.*_sft` and
-# `task_sampler_configs`). Every task of the original samples audio at temperature 0.9 with top-p 0.95. A top-k of 0
-# is "no top-k" (None would be filled in from a checkpoint's stored generation config). Read-only: they are shared.
-_AUDIO_SAMPLING = MappingProxyType(
-    {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_k": 0, "audio_top_p": 0.95}
-)
+# `task_sampler_configs`). Every task of the original samples audio with its default (`ORIGINAL_AUDIO_SAMPLING`:
+# temperature 0.9, top-p 0.95). A top-k of 0 is "no top-k" (None would be filled in from a checkpoint's stored
+# generation config). Read-only: the entries share them.
+_AUDIO_SAMPLING = MappingProxyType({**ORIGINAL_AUDIO_SAMPLING, "audio_top_k": 0})
 _GREEDY = MappingProxyType({"do_sample": False})
 
 
-def _sampling(temperature: float, top_p: float, top_k: int = 0) -> Mapping:
-    """Text sampling `generate` arguments."""
-    return MappingProxyType({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p})
+def _sampling(temperature: float, top_p: float) -> Mapping:
+    """Text sampling `generate` arguments (no top-k)."""
+    return MappingProxyType({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p})
 
 
 @dataclass(frozen=True)
@@ -498,7 +498,8 @@ class MiMoAudioTask:
 
 # One entry per task; the key is the processor method's name (`"speech_to_text_dialogue"` is `spoken_dialogue(...,
 # output_modality="text")`). Speech continuation has no builder in the original: it ends where the open speech segment
-# would be closed, at `<|eosp|>`, and samples with the original's defaults for other tasks.
+# would be closed, at `<|eosp|>`, and samples with the original's defaults for other tasks (`ORIGINAL_TEXT_SAMPLING`,
+# audio top-k 50).
 _TEXT_ANSWER = ("im_end_token",)
 _SPEECH_ANSWER = ("eostm_token", "im_end_token")
 TASKS = {
@@ -521,8 +522,8 @@ TASKS = {
         "audio",
         False,
         ("eosp_token",),
-        _sampling(0.6, 0.95, top_k=50),
-        MappingProxyType({**_AUDIO_SAMPLING, "audio_top_k": 50}),
+        MappingProxyType(ORIGINAL_TEXT_SAMPLING),
+        MappingProxyType({**ORIGINAL_AUDIO_SAMPLING, "audio_top_k": 50}),
     ),
 }
 
