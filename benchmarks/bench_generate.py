@@ -138,9 +138,10 @@ def throughput(model, batch_sizes, prompt_length: int, new_tokens: int, repeats:
     """
     For each batch size: `(first call seconds, prefill seconds, decode seconds per step, patches per second, codes)`.
 
-    The first call (compilation included, for `compiled`) generates 2 positions. A decode step is `(time of
-    new_tokens + 1 steps - time of 1 step) / new_tokens`, each time the fastest of `repeats` runs that go through
-    every batch size in turn, so that a slow phase of a shared machine reaches all alike.
+    The first call (compilation included, for `compiled`) generates 2 positions. A decode step is the time between the
+    first and the last of `new_tokens + 1` generated positions (stamped by a streamer as each is handed out) over
+    `new_tokens`; each time the fastest of `repeats` runs that go through every batch size in turn, so that a slow
+    phase of a shared machine reaches all alike.
     """
     prompts = {batch_size: random_prompt(model, batch_size, prompt_length) for batch_size in batch_sizes}
     device = model.device
@@ -153,15 +154,16 @@ def throughput(model, batch_sizes, prompt_length: int, new_tokens: int, repeats:
         return time.perf_counter() - start
 
     first = {b: timed(lambda: forced_audio_generate(model, prompts[b], 2, mode)) for b in batch_sizes}
-    runs = {(batch_size, kind): [] for batch_size in batch_sizes for kind in ("prefill", "short", "long")}
+    runs = {(batch_size, kind): [] for batch_size in batch_sizes for kind in ("prefill", "step")}
     for _ in range(repeats):
         for b in batch_sizes:
             runs[b, "prefill"].append(timed(lambda: model(*prompts[b], use_cache=True, logits_to_keep=1)))
-            runs[b, "short"].append(timed(lambda: forced_audio_generate(model, prompts[b], 1, mode)))
-            runs[b, "long"].append(timed(lambda: forced_audio_generate(model, prompts[b], new_tokens + 1, mode)))
+            stamps = StepTimes()
+            forced_audio_generate(model, prompts[b], new_tokens + 1, mode, streamer=stamps)
+            runs[b, "step"].append((stamps.times[-1] - stamps.times[0]) / new_tokens)
     results = {}
     for b in batch_sizes:
-        per_step = (min(runs[b, "long"]) - min(runs[b, "short"])) / new_tokens
+        per_step = min(runs[b, "step"])
         codes = forced_audio_generate(model, prompts[b], new_tokens + 1, mode)
         results[b] = (first[b], min(runs[b, "prefill"]), per_step, b / per_step, codes)
     return results
@@ -206,6 +208,17 @@ def _peak_resident_bytes() -> int:
 def _reset_peak_resident():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+class StepTimes(MiMoAudioStreamer):
+    """Records the time at which each generated step is handed out (its ids are on the CPU by then)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_step(self, text_ids, audio_ids):
+        self.times.append(time.perf_counter())
 
 
 class MemoryTrace(MiMoAudioStreamer):
