@@ -28,6 +28,7 @@ from conftest import GOLDEN
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForAudioTokenization
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import transformers_mimo  # noqa: F401  (registers the Auto classes)
 from transformers_mimo import (
@@ -36,8 +37,8 @@ from transformers_mimo import (
     MiMoAudioTokenizerStreamingCache,
     convert_original_state_dict,
 )
+from transformers_mimo import modeling_mimo_audio_tokenizer
 from transformers_mimo.modeling_mimo_audio_tokenizer import (
-    ATTENTION_FUNCTIONS,
     MiMoAudioTokenizerAttention,
     MiMoAudioTokenizerISTFTHead,
     MiMoAudioTokenizerRotaryEmbedding,
@@ -238,6 +239,43 @@ def test_eager_and_sdpa_agree(case, monkeypatch):
     output = eager.decode(batch, mask)
     assert torch.equal(output.audio_values_lengths, expected.audio_values_lengths)
     torch.testing.assert_close(output.audio_values, expected.audio_values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eager_and_sdpa_encode_a_padded_batch_alike(case):
+    """Padded encoder input (masked blocks on both paths): the same codes, encoder states within 1e-5."""
+    full = mel(case)[0]
+    batch, mask = right_pad([full, full[:, : full.shape[-1] // 2 + 3]])
+    expected = model(case).encode(batch, mask)
+    output = model(case, attn_implementation="eager").encode(batch, mask)
+    assert torch.equal(output.audio_codes_mask, expected.audio_codes_mask)
+    assert torch.equal(output.audio_codes, expected.audio_codes)
+    torch.testing.assert_close(output.unquantized_hidden_states, expected.unquantized_hidden_states, atol=1e-5, rtol=0)
+
+
+def test_attention_runs_through_the_attention_interface(monkeypatch):
+    """`attn_implementation` picks the function from Transformers' `ALL_ATTENTION_FUNCTIONS`, as for any model."""
+    calls = []
+
+    def counting_sdpa(sdpa):
+        def attention(module, *args, **kwargs):
+            calls.append(type(module).__name__)
+            return sdpa(module, *args, **kwargs)
+
+        return attention
+
+    patch_attention_function(monkeypatch, "sdpa", counting_sdpa)
+    tokenizer, g = model("tok_a"), golden("tok_a")
+    assert tokenizer.config._attn_implementation == "sdpa"
+    codes = tokenizer.encode(mel("tok_a")).audio_codes[0]
+    assert torch.equal(codes, g["fp32.codes_single_segment"])
+    layers = tokenizer.config.encoder_layers
+    assert calls and set(calls) == {"MiMoAudioTokenizerAttention"} and len(calls) % layers == 0
+
+
+def test_unsupported_attention_implementation_is_rejected():
+    with pytest.raises(ValueError, match="flex"):
+        MiMoAudioTokenizerModel.from_pretrained(GOLDEN / "tok_a" / "checkpoint", attn_implementation="flex_attention")
 
 
 # ------------------------------------------------------------------------------------------ batch invariance
@@ -459,6 +497,16 @@ def test_windowed_attention_matches_dense_reference(implementation, window, caus
         torch.testing.assert_close(output[index, :length], expected[index, :length], atol=1e-5, rtol=0)
 
 
+def patch_attention_function(monkeypatch, implementation, wrap):
+    """Replaces the attention function the codec gets for `implementation` by `wrap(original)`: the codec's own
+    `eager_attention_forward`, else the entry of Transformers' `ALL_ATTENTION_FUNCTIONS`."""
+    if implementation == "eager":
+        original = modeling_mimo_audio_tokenizer.eager_attention_forward
+        monkeypatch.setattr(modeling_mimo_audio_tokenizer, "eager_attention_forward", wrap(original))
+    else:
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, implementation, wrap(ALL_ATTENTION_FUNCTIONS[implementation]))
+
+
 @pytest.mark.parametrize("implementation, padded", [("eager", False), ("eager", True), ("sdpa", True)])
 @pytest.mark.parametrize("window, causal", [((40, 10), False), ((-1, -1), False), ((-1, -1), True), ((5, -1), False)])
 def test_attention_memory_is_linear(implementation, padded, window, causal, monkeypatch):
@@ -467,13 +515,15 @@ def test_attention_memory_is_linear(implementation, padded, window, causal, monk
     position of the batch, never `length x length`, so the largest one grows linearly with the length.
     (Unpadded full/causal SDPA passes no mask: tested below.)"""
     calls = []
-    function = ATTENTION_FUNCTIONS[implementation]
 
-    def recording_attention(module, query, key, value, mask, **kwargs):
-        calls.append((query.shape[0] * query.shape[2] * key.shape[2], mask.numel()))
-        return function(module, query, key, value, mask, **kwargs)
+    def recording_attention(function):
+        def attention(module, query, key, value, mask, **kwargs):
+            calls.append((query.shape[0] * query.shape[2] * key.shape[2], mask.numel()))
+            return function(module, query, key, value, mask, **kwargs)
 
-    monkeypatch.setitem(ATTENTION_FUNCTIONS, implementation, recording_attention)
+        return attention
+
+    patch_attention_function(monkeypatch, implementation, recording_attention)
     config = MiMoAudioTokenizerConfig(vocoder_dim=16, vocoder_attention_heads=2)
     config._attn_implementation = implementation
     module = MiMoAudioTokenizerAttention(config, 16, 2, list(window), causal).eval()
@@ -495,13 +545,15 @@ def test_attention_memory_is_linear(implementation, padded, window, causal, monk
 @pytest.mark.parametrize("causal", [False, True])
 def test_unpadded_full_attention_with_sdpa_passes_no_mask(causal, monkeypatch):
     masks = []
-    sdpa = ATTENTION_FUNCTIONS["sdpa"]
 
-    def recording_sdpa(module, query, key, value, mask, **kwargs):
-        masks.append(mask)
-        return sdpa(module, query, key, value, mask, **kwargs)
+    def recording_sdpa(sdpa):
+        def attention(module, query, key, value, mask, **kwargs):
+            masks.append(mask)
+            return sdpa(module, query, key, value, mask, **kwargs)
 
-    monkeypatch.setitem(ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+        return attention
+
+    patch_attention_function(monkeypatch, "sdpa", recording_sdpa)
     config = MiMoAudioTokenizerConfig(vocoder_dim=16, vocoder_attention_heads=2)
     config._attn_implementation = "sdpa"
     module = MiMoAudioTokenizerAttention(config, 16, 2, [-1, -1], causal).eval()

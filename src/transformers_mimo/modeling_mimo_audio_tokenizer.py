@@ -1,8 +1,9 @@
 """MiMo-Audio tokenizer: log-mel frames -> residual-VQ codes (25 Hz) -> 24 kHz waveform.
 
 Pure PyTorch port of the codec of Xiaomi's MiMo-Audio. Batches are padded (with masks) instead of packed, and every
-item of a batch gives the same result as that item alone. Attention runs through `eager` or `sdpa`; an attention
-window (`*_attn_window_size`) is computed block by block, so its memory grows linearly with the length.
+item of a batch gives the same result as that item alone. Attention runs through Transformers' attention interface
+(`attn_implementation="eager"` or `"sdpa"`); an attention window (`*_attn_window_size`) is computed block by block, so
+its memory grows linearly with the length.
 """
 
 import json
@@ -15,8 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.modeling_utils import PreTrainedAudioTokenizerBase
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedAudioTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
@@ -254,16 +254,17 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`query (b, h, q, d)`, `key/value (b, h, k, d)`, boolean `attention_mask (b, 1, q, k)` (True = attend)."""
+    """
+    `query (b, h, q, d)`, `key/value (b, h, k, d)`, boolean `attention_mask (b, 1, q, k)` (True = attend). Returns the
+    output `(b, q, h, d)` and the attention weights `(b, h, q, k)`, as the functions of Transformers' attention
+    interface.
+    """
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
-
-
-ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
 
 
 class MiMoAudioTokenizerAttention(nn.Module):
@@ -314,10 +315,10 @@ class MiMoAudioTokenizerAttention(nn.Module):
         query = query * cos + _rotate_half(query) * sin
         key = key * cos + _rotate_half(key) * sin
 
+        # The masks below are boolean `(batch, 1, queries, keys)` masks (window, causality, padding), which `eager` and
+        # `sdpa` take; the model declares no other implementation. A standalone module without one uses `sdpa`.
         implementation = self.config._attn_implementation or "sdpa"
-        if implementation not in ATTENTION_FUNCTIONS:
-            raise ValueError(f"MiMo-Audio tokenizer supports 'eager' and 'sdpa' attention, not {implementation!r}.")
-        attention = ATTENTION_FUNCTIONS[implementation]
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
         unpadded = bool((lengths == length).all())
         if implementation == "sdpa" and unpadded and self.left is None and self.right in (None, 0):
