@@ -698,3 +698,151 @@ def test_audio_generation_settings_survive_save_and_reload(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.generation_config.audio_temperature == 0.7 and reloaded.generation_config.audio_top_k == 5
+
+
+# ------------------------------------------------------------------------------------------ output recording
+
+
+def recording_model(input_full_attention=False):
+    """A tiny eager model (attention weights are returned) with two layers in every transformer."""
+    torch.manual_seed(5)
+    config = tiny_config(
+        input_full_attention=input_full_attention,
+        patch_encoder_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "num_key_value_heads": 2},
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    return MiMoAudioForConditionalGeneration(config).eval()
+
+
+def manual_attention_weights(layer, hidden_states, causal):
+    """Softmax attention weights of a Qwen2 layer's self-attention, computed by hand over `(batch, steps, width)`."""
+    attention = layer.self_attn
+    batch, steps, _ = hidden_states.shape
+    normed = layer.input_layernorm(hidden_states)
+    query = attention.q_proj(normed).view(batch, steps, -1, attention.head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, steps, -1, attention.head_dim).transpose(1, 2)
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    inverse_frequencies = 1.0 / (
+        attention.config.rope_parameters["rope_theta"]
+        ** (torch.arange(0, attention.head_dim, 2, dtype=torch.float) / attention.head_dim)
+    )
+    angles = torch.arange(steps, dtype=torch.float)[:, None] * inverse_frequencies[None]
+    cos, sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([angles, angles], dim=-1).sin()
+
+    def rotate(x):
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    scores = rotate(query) @ rotate(key).transpose(-1, -2) * attention.head_dim**-0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(steps, steps, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("input_full_attention", [False, True])
+def test_output_attentions_and_hidden_states_per_transformer(input_full_attention):
+    """Backbone, patch encoder and teacher-forced patch decoder each report their own layers: counts, shapes, and the
+    values of a hand computation (first layer's attention weights, last layer's output through the final norm)."""
+    model = recording_model(input_full_attention)
+    config = model.config
+    input_ids, audio, attention_mask, labels, audio_labels = training_batch(config)
+    input_ids, audio, labels, audio_labels = input_ids[:, :10], audio[:, :10], labels[:, :10], audio_labels[:, :10]
+    attention_mask = attention_mask[:, :10]
+    with torch.no_grad():
+        out = model(
+            input_ids=input_ids,
+            audio_input_ids=audio,
+            attention_mask=attention_mask,
+            labels=labels,
+            audio_labels=audio_labels,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+    text, encoder, decoder = config.text_config, config.patch_encoder_config, config.patch_decoder_config
+    batch, seq_len = input_ids.shape
+    assert len(out.attentions) == text.num_hidden_layers and len(out.hidden_states) == text.num_hidden_layers + 1
+    assert {tuple(a.shape) for a in out.attentions} == {(batch, text.num_attention_heads, seq_len, seq_len)}
+    assert {tuple(h.shape) for h in out.hidden_states} == {(batch, seq_len, text.hidden_size)}
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+    # patch encoder: the patches of the audio positions, in row-major order
+    is_audio = input_ids == config.empty_token_id
+    patches = int(is_audio.sum())
+    group = config.group_size
+    assert len(out.patch_encoder_attentions) == len(out.patch_encoder_hidden_states) == encoder.num_hidden_layers
+    assert {tuple(a.shape) for a in out.patch_encoder_attentions} == {
+        (patches, encoder.num_attention_heads, group, group)
+    }
+    assert {tuple(h.shape) for h in out.patch_encoder_hidden_states} == {(patches, group, encoder.hidden_size)}
+    patch_encoder = model.model.patch_encoder
+    with torch.no_grad():
+        frames = model.model.embed_audio_frames(audio[is_audio])
+        expected = manual_attention_weights(patch_encoder.layers[0], frames, causal=not input_full_attention)
+        torch.testing.assert_close(out.patch_encoder_attentions[0], expected, atol=1e-5, rtol=1e-5)
+        expected = manual_attention_weights(
+            patch_encoder.layers[1], out.patch_encoder_hidden_states[0], causal=not input_full_attention
+        )
+        torch.testing.assert_close(out.patch_encoder_attentions[1], expected, atol=1e-5, rtol=1e-5)
+        projected = patch_encoder.proj(patch_encoder.norm(out.patch_encoder_hidden_states[-1]).reshape(patches, -1))
+        torch.testing.assert_close(
+            projected, model.model.get_inputs_embeds(input_ids, audio)[is_audio], atol=1e-5, rtol=0
+        )
+
+    # patch decoder: the patches with an audio target, teacher-forced over all the steps
+    trained = int(out.audio_logits[0].shape[0])
+    steps = config.patch_decoder_steps
+    assert trained > 0
+    assert len(out.patch_decoder_attentions) == len(out.patch_decoder_hidden_states) == decoder.num_hidden_layers
+    assert {tuple(a.shape) for a in out.patch_decoder_attentions} == {
+        (trained, decoder.num_attention_heads, steps, steps)
+    }
+    assert {tuple(h.shape) for h in out.patch_decoder_hidden_states} == {(trained, steps, decoder.hidden_size)}
+    patch_decoder = model.patch_decoder
+    with torch.no_grad():
+        final = patch_decoder.norm(out.patch_decoder_hidden_states[-1])
+        for channel, delay in enumerate(config.delay_pattern):
+            logits = model.get_audio_logits(final[:, delay : delay + group], channel)
+            torch.testing.assert_close(logits, out.audio_logits[channel], atol=1e-5, rtol=0)
+        # the second layer's attention, by hand from the first layer's output
+        expected = manual_attention_weights(patch_decoder.layers[1], out.patch_decoder_hidden_states[0], causal=True)
+        torch.testing.assert_close(out.patch_decoder_attentions[1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_are_recorded_only_on_request_and_hooks_stay_single():
+    """Nothing is recorded (and no hook installed) without a request; whatever the order of the calls (the base model
+    first, then the head), every layer carries at most one recording hook and the counts stay right; the patch
+    decoder called directly (as generation does) records nothing and computes the same."""
+    model = recording_model()
+    config = model.config
+    input_ids, audio, attention_mask, labels, audio_labels = training_batch(config)
+    layers = [*model.model.language_model.layers, *model.model.patch_encoder.layers, *model.patch_decoder.layers]
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, audio_input_ids=audio, labels=labels, audio_labels=audio_labels)
+        assert all(getattr(plain, name) is None for name in ("attentions", "hidden_states", "patch_encoder_attentions",
+                                                              "patch_encoder_hidden_states", "patch_decoder_attentions",
+                                                              "patch_decoder_hidden_states"))  # fmt: skip
+        assert not any(layer._forward_hooks or layer.self_attn._forward_hooks for layer in layers)
+
+        base = model.model(input_ids=input_ids, audio_input_ids=audio, output_attentions=True)
+        assert len(base.attentions) == config.text_config.num_hidden_layers
+        assert len(base.patch_encoder_attentions) == config.patch_encoder_config.num_hidden_layers
+        recorded = model(
+            input_ids=input_ids,
+            audio_input_ids=audio,
+            labels=labels,
+            audio_labels=audio_labels,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+        assert len(recorded.attentions) == config.text_config.num_hidden_layers
+        assert len(recorded.patch_encoder_attentions) == config.patch_encoder_config.num_hidden_layers
+        assert len(recorded.patch_decoder_attentions) == config.patch_decoder_config.num_hidden_layers
+        assert all(len(layer.self_attn._forward_hooks) <= 1 and len(layer._forward_hooks) <= 1 for layer in layers)
+        torch.testing.assert_close(recorded.loss, plain.loss, atol=0, rtol=0)
+
+        inputs = model.get_patch_decoder_inputs(plain.last_hidden_state[:, :2])
+        expected = model.patch_decoder(inputs)
+        as_tuple = model(input_ids=input_ids, audio_input_ids=audio, return_dict=False, output_attentions=True)
+        assert torch.equal(model.patch_decoder(inputs), expected)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], plain.logits)

@@ -1,7 +1,9 @@
 """MiMo-Audio speech-text language model: patch encoder, Qwen2 backbone, patch decoder."""
 
 import json
+import threading
 from dataclasses import dataclass
+from functools import wraps
 
 import torch
 import torch.nn.functional as F
@@ -11,17 +13,23 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     TransformersKwargs,
+    auto_docstring,
     cached_file,
-    can_return_tuple,
     logging,
 )
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, recursively_install_hooks
 
 from .configuration_mimo_audio import MiMoAudioConfig
 from .conversion_mapping_mimo_audio import HUB_KWARGS, is_original_config_dict
@@ -39,6 +47,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
+@auto_docstring
 class MiMoAudioOutputWithPast(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
@@ -63,6 +72,20 @@ class MiMoAudioOutputWithPast(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, kept_positions, hidden_size)`):
         The backbone's output after its final norm, for the kept positions. Feed it to
         [`MiMoAudioForConditionalGeneration.get_patch_decoder_inputs`] to start a patch.
+    patch_encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Patch encoder hidden states, when `output_hidden_states=True` and the input has audio positions: see
+        [`MiMoAudioModelOutputWithPast`].
+    patch_encoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Patch encoder attention weights, when `output_attentions=True` and the input has audio positions: see
+        [`MiMoAudioModelOutputWithPast`].
+    patch_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden states of the teacher-forced patch decoder (computed when `audio_labels` has targets), when
+        `output_hidden_states=True`: each layer's output (the last one before the final norm), each of shape
+        `(num_patches, patch_decoder_steps, patch_decoder_hidden_size)`.
+    patch_decoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of the teacher-forced patch decoder, one per layer, each of shape
+        `(num_patches, patch_decoder_heads, patch_decoder_steps, patch_decoder_steps)`, when
+        `output_attentions=True` (with an attention implementation that returns them, e.g. `eager`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -74,15 +97,89 @@ class MiMoAudioOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     last_hidden_state: torch.FloatTensor | None = None
+    patch_encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    patch_encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    patch_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    patch_decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+@auto_docstring
+class MiMoAudioModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`):
+        The backbone's output after its final norm.
+    cache (`Cache`, *optional*):
+        The backbone's key/value cache.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Backbone hidden states (embedding output and each layer), when `output_hidden_states=True`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Backbone attention weights, when `output_attentions=True`.
+    patch_encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        When `output_hidden_states=True` and the input has audio positions: each patch encoder layer's output (the
+        last one before the final norm), each of shape `(num_patches, group_size, patch_encoder_hidden_size)`, the
+        patches of the audio positions in row-major (batch, position) order.
+    patch_encoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        When `output_attentions=True` and the input has audio positions: the patch encoder's attention weights, one
+        per layer, each of shape `(num_patches, patch_encoder_heads, group_size, group_size)` (with an attention
+        implementation that returns them, e.g. `eager`).
+    """
+
+    patch_encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    patch_encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# Guards the first installation of the patch transformers' recording hooks (see `capture_patch_outputs`).
+_patch_hooks_lock = threading.Lock()
+
+
+def capture_patch_outputs(submodule: str):
+    """
+    `capture_outputs` for the patch transformer held in the model's attribute `submodule` (`"patch_encoder"` or
+    `"patch_decoder"`): its outputs are recorded under the model's `_can_record_outputs` keys `{submodule}_attentions`
+    and `{submodule}_hidden_states`, apart from the backbone's `attentions` / `hidden_states`, and the usual
+    `output_attentions` / `output_hidden_states` (argument or config) request them, as `output_attentions` requests
+    SAM's `mask_decoder_attentions`. The recording hooks are installed on `submodule` alone, at the first request: the
+    backbone (a model of its own) installs its own, so no module is hooked twice, whatever the order of the calls.
+    Without a request the hooks return at once.
+    """
+    flags = {f"output_{submodule}_{kind}": f"output_{kind}" for kind in ("attentions", "hidden_states")}
+
+    def decorator(forward):
+        @wraps(forward)
+        def forward_without_flags(self, *args, **kwargs):
+            for flag in flags:
+                kwargs.pop(flag)
+            return forward(self, *args, **kwargs)
+
+        recording_forward = capture_outputs(forward_without_flags)
+
+        @wraps(forward)
+        def wrapper(self, *args, **kwargs):
+            for flag, requested_by in flags.items():
+                kwargs[flag] = bool(kwargs.get(requested_by, getattr(self.config, requested_by, False)))
+            if any(kwargs[flag] for flag in flags) and not getattr(self, "_output_capturing_hooks_installed", False):
+                with _patch_hooks_lock:
+                    if not getattr(self, "_output_capturing_hooks_installed", False):
+                        recursively_install_hooks(
+                            getattr(self, submodule), f".{submodule}", list(self._can_record_outputs.items())
+                        )
+                        self._output_capturing_hooks_installed = True
+            return recording_forward(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+@auto_docstring
 class MiMoAudioPreTrainedModel(PreTrainedModel):
     config: MiMoAudioConfig
     base_model_prefix = "model"
     input_modalities = ("audio", "text")
     output_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2DecoderLayer"]
+    _no_split_modules = ["Qwen2DecoderLayer", "MiMoAudioPatchEncoderLayer", "MiMoAudioPatchDecoderLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -177,6 +274,20 @@ def _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs: dict) -> 
         return is_original_config_dict(json.load(file))
 
 
+class MiMoAudioPatchEncoderLayer(Qwen2DecoderLayer):
+    """
+    A Qwen2 decoder layer of the patch encoder: a class of its own, so that output recording tells its outputs from
+    the backbone's and the patch decoder's.
+    """
+
+
+class MiMoAudioPatchDecoderLayer(Qwen2DecoderLayer):
+    """
+    A Qwen2 decoder layer of the patch decoder: a class of its own, so that output recording tells its outputs from
+    the backbone's and the patch encoder's.
+    """
+
+
 class MiMoAudioPatchEncoder(nn.Module):
     """
     Turns the `group_size` frame embeddings of each audio patch into one backbone input vector: Qwen2 decoder layers
@@ -189,7 +300,10 @@ class MiMoAudioPatchEncoder(nn.Module):
         encoder_config = config.patch_encoder_config
         self.config = encoder_config
         self.layers = nn.ModuleList(
-            [Qwen2DecoderLayer(encoder_config, layer_idx) for layer_idx in range(encoder_config.num_hidden_layers)]
+            [
+                MiMoAudioPatchEncoderLayer(encoder_config, layer_idx)
+                for layer_idx in range(encoder_config.num_hidden_layers)
+            ]
         )
         self.norm = Qwen2RMSNorm(encoder_config.hidden_size, eps=encoder_config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=encoder_config)
@@ -251,7 +365,10 @@ class MiMoAudioPatchDecoder(nn.Module):
             else None
         )
         self.layers = nn.ModuleList(
-            [Qwen2DecoderLayer(decoder_config, layer_idx) for layer_idx in range(decoder_config.num_hidden_layers)]
+            [
+                MiMoAudioPatchDecoderLayer(decoder_config, layer_idx)
+                for layer_idx in range(decoder_config.num_hidden_layers)
+            ]
         )
         self.norm = Qwen2RMSNorm(decoder_config.hidden_size, eps=decoder_config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=decoder_config)
@@ -319,14 +436,20 @@ class MiMoAudioPatchDecoder(nn.Module):
         return self.norm(hidden_states)
 
 
-class MiMoAudioModel(MiMoAudioPreTrainedModel):
-    """
+@auto_docstring(
+    custom_intro="""
     The Qwen2 backbone (`language_model`) with MiMo-Audio's input side: per-codebook `audio_embeddings` (shared with
     the patch decoder) and the `patch_encoder`. Returns the backbone's hidden states.
     """
-
+)
+class MiMoAudioModel(MiMoAudioPreTrainedModel):
     # Loading it from a full original checkpoint leaves out the heads.
     _ignored_prefixes_on_load = ("lm_head.", "patch_decoder.")
+    # The patch encoder's outputs (see `capture_patch_outputs`); the backbone records its own.
+    _can_record_outputs = {
+        "patch_encoder_hidden_states": OutputRecorder(MiMoAudioPatchEncoderLayer),
+        "patch_encoder_attentions": OutputRecorder(Qwen2Attention, index=1, layer_name="patch_encoder"),
+    }
 
     def __init__(self, config: MiMoAudioConfig):
         super().__init__(config)
@@ -450,6 +573,8 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         is_audio = (input_ids == self.config.empty_token_id).unsqueeze(-1).to(text_embeds.device)
         return torch.where(is_audio, patch_embeds.to(text_embeds.device, text_embeds.dtype), text_embeds)
 
+    @capture_patch_outputs("patch_encoder")
+    @auto_docstring
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -461,7 +586,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> MiMoAudioModelOutputWithPast:
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
@@ -477,7 +602,8 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
                 Precomputed backbone inputs (see `get_inputs_embeds`), instead of `input_ids`/`audio_input_ids`.
 
         Returns:
-            [`BaseModelOutputWithPast`]: `last_hidden_state` `(batch_size, seq_len, hidden_size)` after the final norm.
+            [`MiMoAudioModelOutputWithPast`]: `last_hidden_state` `(batch_size, seq_len, hidden_size)` after the final
+            norm.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -504,7 +630,7 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
                     )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
-        return self.language_model(
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -512,14 +638,21 @@ class MiMoAudioModel(MiMoAudioPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+        return MiMoAudioModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
 
-class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGenerationMixin):
-    """
+@auto_docstring(
+    custom_intro="""
     MiMo-Audio: the backbone ([`MiMoAudioModel`]) with the text head `lm_head` and the `patch_decoder` that writes
     one `group_size x audio_channels` audio patch whenever the text channel is `<|empty|>`.
     """
-
+)
+class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # Sharded like the embeddings it may be tied to (as Qwen2ForCausalLM's head).
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -530,6 +663,11 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
     # `num_items_in_batch`: the `Trainer` must divide it by the gradient accumulation steps and must not multiply it by
     # the number of processes (which it does for models that take loss kwargs).
     accepts_loss_kwargs = False
+    # The teacher-forced patch decoder's outputs (see `capture_patch_outputs`); `model` records the others.
+    _can_record_outputs = {
+        "patch_decoder_hidden_states": OutputRecorder(MiMoAudioPatchDecoderLayer),
+        "patch_decoder_attentions": OutputRecorder(Qwen2Attention, index=1, layer_name="patch_decoder"),
+    }
 
     def __init__(self, config: MiMoAudioConfig):
         super().__init__(config)
@@ -751,7 +889,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         """
         return compute_logprobs(self, input_ids, audio_input_ids, attention_mask, temperature, audio_temperature)
 
-    @can_return_tuple
+    @capture_patch_outputs("patch_decoder")
+    @auto_docstring
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -841,6 +980,8 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             last_hidden_state=kept_hidden_states,
+            patch_encoder_hidden_states=outputs.patch_encoder_hidden_states,
+            patch_encoder_attentions=outputs.patch_encoder_attentions,
         )
 
 
@@ -961,6 +1102,7 @@ __all__ = [
     "MiMoAudioModel",
     "MiMoAudioForConditionalGeneration",
     "MiMoAudioOutputWithPast",
+    "MiMoAudioModelOutputWithPast",
     "MiMoAudioLogProbs",
     "compute_logprobs",
 ]
