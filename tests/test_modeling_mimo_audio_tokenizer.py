@@ -36,8 +36,8 @@ from transformers_mimo import (
     MiMoAudioTokenizerModel,
     MiMoAudioTokenizerStreamingCache,
     convert_original_state_dict,
+    modeling_mimo_audio_tokenizer,
 )
-from transformers_mimo import modeling_mimo_audio_tokenizer
 from transformers_mimo.modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerAttention,
     MiMoAudioTokenizerISTFTHead,

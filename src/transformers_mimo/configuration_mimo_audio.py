@@ -6,7 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
-from transformers.utils import logging
+from transformers.utils import auto_docstring, logging
 
 from .conversion_mapping_mimo_audio import (
     convert_original_config_dict,
@@ -85,77 +85,97 @@ class MiMoAudioPatchTransformerConfig(Qwen2Config):
         super().__post_init__(**kwargs)
 
 
-@strict
-class MiMoAudioPatchEncoderConfig(MiMoAudioPatchTransformerConfig):
-    r"""
+@auto_docstring(
+    checkpoint="XiaomiMiMo/MiMo-Audio-7B-Instruct",
+    custom_intro="""
     Configuration of the MiMo-Audio patch encoder: a stack of Qwen2 decoder layers (no embedding table) that mixes
     the `group_size` frames of one audio patch. Whether it attends bidirectionally inside a patch is set by
-    [`MiMoAudioConfig.input_full_attention`]. The defaults give the released model's (6 layers).
-    """
-
+    [`MiMoAudioConfig.input_full_attention`]. The defaults give the released model's (6 layers); the arguments are
+    those of [`Qwen2Config`].
+    """,
+)
+@strict
+class MiMoAudioPatchEncoderConfig(MiMoAudioPatchTransformerConfig):
     model_type = "mimo_audio_patch_encoder"
     base_config_key = "patch_encoder_config"
 
 
-@strict
-class MiMoAudioPatchDecoderConfig(MiMoAudioPatchTransformerConfig):
-    r"""
+@auto_docstring(
+    checkpoint="XiaomiMiMo/MiMo-Audio-7B-Instruct",
+    custom_intro="""
     Configuration of the MiMo-Audio patch decoder: a causal stack of Qwen2 decoder layers (no embedding table) that
     produces the codes of one audio patch from a backbone hidden state, with one output head per codebook. The
-    defaults give the released model's (16 layers).
-    """
-
+    defaults give the released model's (16 layers); the arguments are those of [`Qwen2Config`].
+    """,
+)
+@strict
+class MiMoAudioPatchDecoderConfig(MiMoAudioPatchTransformerConfig):
     model_type = "mimo_audio_patch_decoder"
     base_config_key = "patch_decoder_config"
 
     num_hidden_layers: int = 16
 
 
-@strict
-class MiMoAudioConfig(PreTrainedConfig):
-    r"""
+@auto_docstring(
+    checkpoint="XiaomiMiMo/MiMo-Audio-7B-Instruct",
+    custom_intro="""
     Configuration of [`MiMoAudioForConditionalGeneration`]. The defaults give the released MiMo-Audio-7B model.
-
-    Args:
-        text_config (`Qwen2Config` or `dict`, *optional*):
-            The Qwen2 backbone (the LLM). One position per text token or per audio patch.
-        patch_encoder_config (`MiMoAudioPatchEncoderConfig` or `dict`, *optional*):
-            The patch encoder that turns the `group_size` frames of one patch into one backbone input.
-        patch_decoder_config (`MiMoAudioPatchDecoderConfig` or `dict`, *optional*):
-            The patch decoder that emits the codes of one patch from a backbone hidden state.
-        group_size (`int`, *optional*, defaults to 4):
-            Audio frames (25 Hz) per patch, i.e. per backbone position.
-        audio_channels (`int`, *optional*, defaults to 8):
-            Number of codebooks (RVQ levels of the audio tokenizer) the model reads and writes.
-        audio_vocab_sizes (`list[int]`, *optional*):
-            Size of each codebook's embedding table and head, including the empty id.
-        audio_empty_ids (`list[int]`, *optional*):
-            Per codebook, the id meaning "no audio" (its embedding is masked to zero in the input).
-        delay_pattern (`list[int]`, *optional*):
-            Per codebook, the patch decoder step at which that codebook starts (intra-patch delay).
-        input_full_attention (`bool`, *optional*, defaults to `True`):
-            Whether the patch encoder attends bidirectionally inside a patch (`False`: causal).
-        empty_token_id, sosp_token_id, eosp_token_id, sostm_token_id, eostm_token_id, eot_token_id,
-        im_start_token_id, im_end_token_id (`int`):
-            Ids of `<|empty|>` (the text id of an audio position), `<|sosp|>`, `<|eosp|>`, `<|sostm|>`, `<|eostm|>`,
-            `<|eot|>`, `<|im_start|>` and `<|im_end|>`.
-        text_loss_weight (`float`, *optional*, defaults to 100.0):
-            Weight of the text loss in the total loss.
-        audio_loss_weights (`list[float]`, *optional*):
-            Weight of each codebook's loss. Defaults to 12, 8, 6, 4, 2, 2, 1, 1 for 8 codebooks (the official recipe);
-            for other counts the first entries of that list, then 1 for every further codebook.
-        empty_token_loss_weight (`float`, *optional*, defaults to 0.01):
-            Weight of text targets equal to `<|empty|>` in the text loss.
-        model_variant (`str`, *optional*, defaults to `"mimo-audio"`):
-            The release the weights come from: `"mimo-audio"` (MiMo-Audio-7B-Base / -Instruct) or `"mimo-v2.5-asr"`
-            (MiMo-V2.5-ASR, whose processor cuts audio into 30 s chunks and tags the ASR answer with its language).
-        original_extra_config (`dict`, *optional*):
-            Keys of the original `config.json` that no part of the model reads (training switches such as `n_rvq` or
-            `no_text_loss`, the V2.5-ASR release's nested `audio_config` minus the values it repeats), kept as they
-            were so that nothing of the original config is dropped.
 
     The original checkpoints store a flat Qwen2 config (`model_type: "qwen2"`) with dash-separated strings; those are
     translated on load (see [`convert_original_config_dict`]).
+    """,
+)
+@strict
+class MiMoAudioConfig(PreTrainedConfig):
+    r"""
+    text_config (`Qwen2Config` or `dict`, *optional*):
+        The Qwen2 backbone (the LLM). One position per text token or per audio patch.
+    patch_encoder_config (`MiMoAudioPatchEncoderConfig` or `dict`, *optional*):
+        The patch encoder that turns the `group_size` frames of one patch into one backbone input.
+    patch_decoder_config (`MiMoAudioPatchDecoderConfig` or `dict`, *optional*):
+        The patch decoder that emits the codes of one patch from a backbone hidden state.
+    group_size (`int`, *optional*, defaults to 4):
+        Audio frames (25 Hz) per patch, i.e. per backbone position.
+    audio_channels (`int`, *optional*, defaults to 8):
+        Number of codebooks (RVQ levels of the audio tokenizer) the model reads and writes.
+    audio_vocab_sizes (`list[int]`, *optional*):
+        Size of each codebook's embedding table and head, including the empty id.
+    audio_empty_ids (`list[int]`, *optional*):
+        Per codebook, the id meaning "no audio" (its embedding is masked to zero in the input).
+    delay_pattern (`list[int]`, *optional*):
+        Per codebook, the patch decoder step at which that codebook starts (intra-patch delay).
+    input_full_attention (`bool`, *optional*, defaults to `True`):
+        Whether the patch encoder attends bidirectionally inside a patch (`False`: causal).
+    empty_token_id (`int`, *optional*, defaults to 151667):
+        Id of `<|empty|>`, the text id of an audio position.
+    sosp_token_id (`int`, *optional*, defaults to 151665):
+        Id of `<|sosp|>` (start of speech).
+    eosp_token_id (`int`, *optional*, defaults to 151666):
+        Id of `<|eosp|>` (end of speech).
+    sostm_token_id (`int`, *optional*, defaults to 151670):
+        Id of `<|sostm|>` (start of the assistant speech stream).
+    eostm_token_id (`int`, *optional*, defaults to 151671):
+        Id of `<|eostm|>` (end of the assistant speech stream).
+    eot_token_id (`int`, *optional*, defaults to 151672):
+        Id of `<|eot|>` (end of the text inside the speech stream).
+    im_start_token_id (`int`, *optional*, defaults to 151644):
+        Id of `<|im_start|>`.
+    im_end_token_id (`int`, *optional*, defaults to 151645):
+        Id of `<|im_end|>`.
+    text_loss_weight (`float`, *optional*, defaults to 100.0):
+        Weight of the text loss in the total loss.
+    audio_loss_weights (`list[float]`, *optional*):
+        Weight of each codebook's loss. Defaults to 12, 8, 6, 4, 2, 2, 1, 1 for 8 codebooks (the official recipe);
+        for other counts the first entries of that list, then 1 for every further codebook.
+    empty_token_loss_weight (`float`, *optional*, defaults to 0.01):
+        Weight of text targets equal to `<|empty|>` in the text loss.
+    model_variant (`str`, *optional*, defaults to `"mimo-audio"`):
+        The release the weights come from: `"mimo-audio"` (MiMo-Audio-7B-Base / -Instruct) or `"mimo-v2.5-asr"`
+        (MiMo-V2.5-ASR, whose processor cuts audio into 30 s chunks and tags the ASR answer with its language).
+    original_extra_config (`dict`, *optional*):
+        Keys of the original `config.json` that no part of the model reads (training switches such as `n_rvq` or
+        `no_text_loss`, the V2.5-ASR release's nested `audio_config` minus the values it repeats), kept as they
+        were so that nothing of the original config is dropped.
     """
 
     model_type = "mimo_audio"

@@ -3,60 +3,117 @@
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import auto_docstring
 
 
 def _default_codebook_size() -> list[int]:
     return [1024, 1024] + [128] * 18
 
 
-@strict(accept_kwargs=True)
-class MiMoAudioTokenizerConfig(PreTrainedConfig):
-    r"""
+@auto_docstring(
+    checkpoint="XiaomiMiMo/MiMo-Audio-Tokenizer",
+    custom_intro="""
     Configuration of [`MiMoAudioTokenizerModel`]: a transformer encoder over log-mel frames followed by a residual
     vector quantizer (25 Hz codes), and a transformer decoder plus a transformer vocoder with an ISTFT head (24 kHz).
     It reads the original `config.json` of `XiaomiMiMo/MiMo-Audio-Tokenizer` directly (with or without
     `model_type`). The defaults are those of the released checkpoint.
-
-    Args:
-        max_audio_seconds (`int`, defaults to 1800): kept from the original config; unused.
-        stride_size (`int`, defaults to 2): stride of the encoder's second convolution.
-        avg_pooler (`int`, defaults to 2): downsampling factor after the encoder transformer (and the matching
-            upsampling of the decoder). 1 disables it.
-        d_model (`int`, defaults to 1280): hidden size of the encoder, the quantizer and the decoder.
-        scale_embedding (`bool`, defaults to `False`): kept from the original config; unused.
-        kernel_size (`int`, defaults to 3): kernel size of the encoder convolutions.
-        activation_function (`str`, defaults to `"gelu"`): activation of the feed-forward layers.
-        encoder_layers, encoder_attention_heads, encoder_ffn_dim (`int`): encoder transformer sizes.
-        encoder_skip_layer_id (`int`, *optional*, defaults to 3): the output of this (1-based) encoder layer is
-            added to the last layer's output before the final norm. `None` or 0 disables it (as in the original).
-        encoder_causal (`bool`, defaults to `False`): causal encoder attention.
-        encoder_attn_window_size (`list[int]`, defaults to `[-1, -1]`): `[left, right]` attention window of the
-            encoder (a query at `i` sees keys `i-left .. i+right`); `-1` means unlimited.
-        decoder_layers, decoder_attention_heads, decoder_ffn_dim (`int`): decoder transformer sizes.
-        decoder_kernel_size, decoder_stride_size (`int`): the decoder's last transposed convolution (to mels).
-        decoder_causal (`bool`, defaults to `True`): causal decoder attention.
-        decoder_attn_window_size (`list[int]`, defaults to `[-1, -1]`): decoder attention window.
-        nfft (`int`, defaults to 960): FFT size (and window length) of the vocoder's ISTFT head.
-        vocoder_dim, vocoder_intermediate_dim, vocoder_num_layers, vocoder_attention_heads (`int`): vocoder sizes.
-        vocoder_attn_window_size (`list[int]`, defaults to `[40, 10]`): vocoder attention window.
-        vocoder_padding (`str`, defaults to `"same"`): ISTFT padding, `"same"` or `"center"`.
-        n_mels (`int`, defaults to 128): number of mel bins of the input features.
-        sampling_rate (`int`, defaults to 24000): audio sampling rate.
-        hop_length (`int`, defaults to 240): hop of the mel frames and of the ISTFT.
-        window_size (`int`, defaults to 960): STFT window of the mel front end (the ISTFT uses `nfft`).
-        fmin (`int`, defaults to 0), fmax (`int`, *optional*): mel front end frequency range.
-        num_quantizers (`int`, defaults to 20): number of residual quantizers.
-        codebook_size (`list[int]`, defaults to `[1024, 1024, 128, ...]`): size of each codebook. A shorter list is
-            extended with its last value (an int means the same size for every quantizer).
-        threshold_ema_dead_code (`int`, defaults to 2): training-only setting kept from the original config.
-        position_embedding_type (`str`, defaults to `"rope"`), rope_theta (`float`), rope_type (`str`): rotary
-            position embeddings (only `"rope"` / `"default"` exist).
-        ln_type (`str`, defaults to `"LayerNorm"`): `"LayerNorm"` or `"RMSNorm"`.
-        segment_length (`int`, defaults to 6000): long inputs are encoded in segments of this many mel frames
-            (60 s), each on its own, as the original does.
-        streaming_left_overlap (`int`, defaults to 250): codes of left context kept by `streaming_decode`.
-        streaming_right_overlap (`int`, defaults to 40): codes held back by `streaming_decode` until more arrive.
-        initializer_range (`float`, defaults to 0.02): std of the random initialisation.
+    """,
+)
+@strict(accept_kwargs=True)
+class MiMoAudioTokenizerConfig(PreTrainedConfig):
+    r"""
+    max_audio_seconds (`int`, *optional*, defaults to 1800):
+        Kept from the original config; unused.
+    stride_size (`int`, *optional*, defaults to 2):
+        Stride of the encoder's second convolution.
+    avg_pooler (`int`, *optional*, defaults to 2):
+        Downsampling factor after the encoder transformer (and the matching upsampling of the decoder). 1 disables
+        it.
+    d_model (`int`, *optional*, defaults to 1280):
+        Hidden size of the encoder, the quantizer and the decoder.
+    scale_embedding (`bool`, *optional*, defaults to `False`):
+        Kept from the original config; unused.
+    kernel_size (`int`, *optional*, defaults to 3):
+        Kernel size of the encoder convolutions.
+    activation_function (`str`, *optional*, defaults to `"gelu"`):
+        Activation of the feed-forward layers.
+    encoder_layers (`int`, *optional*, defaults to 32):
+        Number of encoder transformer layers.
+    encoder_skip_layer_id (`int`, *optional*, defaults to 3):
+        The output of this (1-based) encoder layer is added to the last layer's output before the final norm. `None`
+        or 0 disables it (as in the original).
+    encoder_attention_heads (`int`, *optional*, defaults to 20):
+        Attention heads of the encoder layers.
+    encoder_ffn_dim (`int`, *optional*, defaults to 5120):
+        Feed-forward width of the encoder layers.
+    encoder_causal (`bool`, *optional*, defaults to `False`):
+        Causal encoder attention.
+    encoder_attn_window_size (`list[int]`, *optional*, defaults to `[-1, -1]`):
+        `[left, right]` attention window of the encoder (a query at `i` sees keys `i-left .. i+right`); `-1` means
+        unlimited.
+    decoder_layers (`int`, *optional*, defaults to 32):
+        Number of decoder transformer layers.
+    decoder_attention_heads (`int`, *optional*, defaults to 20):
+        Attention heads of the decoder layers.
+    decoder_ffn_dim (`int`, *optional*, defaults to 5120):
+        Feed-forward width of the decoder layers.
+    decoder_kernel_size (`int`, *optional*, defaults to 3):
+        Kernel size of the decoder's last transposed convolution (to mels).
+    decoder_stride_size (`int`, *optional*, defaults to 2):
+        Stride of the decoder's last transposed convolution (to mels).
+    decoder_causal (`bool`, *optional*, defaults to `True`):
+        Causal decoder attention.
+    decoder_attn_window_size (`list[int]`, *optional*, defaults to `[-1, -1]`):
+        Decoder attention window, as `encoder_attn_window_size`.
+    nfft (`int`, *optional*, defaults to 960):
+        FFT size (and window length) of the vocoder's ISTFT head.
+    vocoder_dim (`int`, *optional*, defaults to 256):
+        Hidden size of the vocoder.
+    vocoder_intermediate_dim (`int`, *optional*, defaults to 1024):
+        Feed-forward width of the vocoder layers.
+    vocoder_num_layers (`int`, *optional*, defaults to 16):
+        Number of vocoder transformer layers.
+    vocoder_attention_heads (`int`, *optional*, defaults to 16):
+        Attention heads of the vocoder layers.
+    vocoder_attn_window_size (`list[int]`, *optional*, defaults to `[40, 10]`):
+        Vocoder attention window, as `encoder_attn_window_size`.
+    vocoder_padding (`str`, *optional*, defaults to `"same"`):
+        ISTFT padding, `"same"` or `"center"`.
+    n_mels (`int`, *optional*, defaults to 128):
+        Number of mel bins of the input features.
+    sampling_rate (`int`, *optional*, defaults to 24000):
+        Audio sampling rate.
+    hop_length (`int`, *optional*, defaults to 240):
+        Hop of the mel frames and of the ISTFT.
+    window_size (`int`, *optional*, defaults to 960):
+        STFT window of the mel front end (the ISTFT uses `nfft`).
+    fmin (`int`, *optional*, defaults to 0):
+        Lowest frequency of the mel front end.
+    fmax (`int`, *optional*):
+        Highest frequency of the mel front end (the Nyquist frequency when `None`).
+    num_quantizers (`int`, *optional*, defaults to 20):
+        Number of residual quantizers.
+    codebook_size (`list[int]`, *optional*, defaults to `[1024, 1024, 128, ...]`):
+        Size of each codebook. A shorter list is extended with its last value (an int means the same size for every
+        quantizer).
+    threshold_ema_dead_code (`int`, *optional*, defaults to 2):
+        Training-only setting kept from the original config.
+    position_embedding_type (`str`, *optional*, defaults to `"rope"`):
+        Position embeddings; only `"rope"` exists.
+    rope_theta (`float`, *optional*, defaults to 10000.0):
+        Base period of the rotary position embeddings.
+    rope_type (`str`, *optional*, defaults to `"default"`):
+        Rotary embedding variant; only `"default"` exists.
+    ln_type (`str`, *optional*, defaults to `"LayerNorm"`):
+        `"LayerNorm"` or `"RMSNorm"`.
+    segment_length (`int`, *optional*, defaults to 6000):
+        Long inputs are encoded in segments of this many mel frames (60 s), each on its own, as the original does.
+    streaming_left_overlap (`int`, *optional*, defaults to 250):
+        Codes of left context kept by `streaming_decode`.
+    streaming_right_overlap (`int`, *optional*, defaults to 40):
+        Codes held back by `streaming_decode` until more arrive.
+    initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the random initialisation.
 
     Example:
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedAudioTokenizerBase
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, auto_docstring, cached_file
 
 from .configuration_mimo_audio_tokenizer import MiMoAudioTokenizerConfig
 from .conversion_mapping_mimo_audio import (
@@ -60,6 +60,7 @@ def _original_checkpoint_window(pretrained_model_name_or_path, hub_kwargs: dict)
 
 
 @dataclass
+@auto_docstring
 class MiMoAudioTokenizerEncoderOutput(ModelOutput):
     r"""
     audio_codes (`torch.LongTensor` of shape `(batch_size, num_quantizers, codes_length)`):
@@ -79,6 +80,7 @@ class MiMoAudioTokenizerEncoderOutput(ModelOutput):
 
 
 @dataclass
+@auto_docstring
 class MiMoAudioTokenizerDecoderOutput(ModelOutput):
     r"""
     audio_values (`torch.FloatTensor` of shape `(batch_size, 1, samples)`):
@@ -104,6 +106,7 @@ class MiMoAudioTokenizerStreamingCache:
 
 
 @dataclass
+@auto_docstring
 class MiMoAudioTokenizerStreamingDecoderOutput(ModelOutput):
     r"""
     audio_values (`torch.FloatTensor` of shape `(batch_size, 1, samples)`):
@@ -120,6 +123,7 @@ class MiMoAudioTokenizerStreamingDecoderOutput(ModelOutput):
 
 
 @dataclass
+@auto_docstring
 class MiMoAudioTokenizerOutput(ModelOutput):
     r"""
     audio_codes (`torch.LongTensor` of shape `(batch_size, num_quantizers, codes_length)`): see `encode`.
@@ -648,6 +652,7 @@ class MiMoAudioTokenizerDecoder(MiMoAudioTokenizerTransformer):
         return self.vocoder(mels, lengths)
 
 
+@auto_docstring
 class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
     config: MiMoAudioTokenizerConfig
     config_class = MiMoAudioTokenizerConfig
@@ -701,9 +706,12 @@ class MiMoAudioTokenizerPreTrainedModel(PreTrainedAudioTokenizerBase):
         return (model, loading_info) if output_loading_info else model
 
 
+@auto_docstring(
+    custom_intro="""
+    The MiMo-Audio tokenizer: `encode` (log-mel -> codes), `decode` (codes -> waveform), `streaming_decode`.
+    """
+)
 class MiMoAudioTokenizerModel(MiMoAudioTokenizerPreTrainedModel):
-    """The MiMo-Audio tokenizer: `encode` (log-mel -> codes), `decode` (codes -> waveform), `streaming_decode`."""
-
     def __init__(self, config: MiMoAudioTokenizerConfig):
         super().__init__(config)
         self.encoder = MiMoAudioTokenizerEncoder(config)
@@ -1003,6 +1011,7 @@ class MiMoAudioTokenizerModel(MiMoAudioTokenizerPreTrainedModel):
             cache=MiMoAudioTokenizerStreamingCache(audio_codes=next_codes, processed_lengths=next_processed),
         )
 
+    @auto_docstring
     def forward(
         self,
         input_features: torch.FloatTensor,
@@ -1014,9 +1023,18 @@ class MiMoAudioTokenizerModel(MiMoAudioTokenizerPreTrainedModel):
         Encodes and decodes (reconstruction). Shapes as in `encode` and `decode`.
 
         Args:
+            input_features (`torch.FloatTensor` of shape `(batch_size, n_mels, frames)`):
+                Natural-log mel frames (100 per second), e.g. from `MiMoAudioFeatureExtractor`.
+            input_features_mask (`torch.Tensor` of shape `(batch_size, frames)`, *optional*):
+                1 for valid frames, 0 for right padding.
+            num_quantizers (`int`, *optional*):
+                Number of quantizers to use (defaults to all).
             return_dict (`bool`, *optional*):
                 Whether to return a [`MiMoAudioTokenizerOutput`] or, as with Mimi, a plain tuple `(audio_codes,
                 audio_codes_mask, audio_values, audio_values_lengths)`. Defaults to `config.return_dict`.
+
+        Returns:
+            [`MiMoAudioTokenizerOutput`] (or its tuple): the codes of `encode` and the waveform of `decode`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.encode(input_features, input_features_mask, num_quantizers)
