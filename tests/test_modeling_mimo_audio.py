@@ -841,6 +841,10 @@ def test_outputs_are_recorded_only_on_request_and_hooks_stay_single():
         assert all(len(layer.self_attn._forward_hooks) <= 1 and len(layer._forward_hooks) <= 1 for layer in layers)
         torch.testing.assert_close(recorded.loss, plain.loss, atol=0, rtol=0)
 
+        without_audio_labels = model(input_ids=input_ids, audio_input_ids=audio, output_attentions=True)
+        assert without_audio_labels.patch_decoder_attentions is None  # the patch decoder did not run
+        assert len(without_audio_labels.patch_encoder_attentions) == config.patch_encoder_config.num_hidden_layers
+
         inputs = model.get_patch_decoder_inputs(plain.last_hidden_state[:, :2])
         expected = model.patch_decoder(inputs)
         as_tuple = model(input_ids=input_ids, audio_input_ids=audio, return_dict=False, output_attentions=True)

@@ -29,6 +29,8 @@ class MiMoAudioModelTester:
         self.hidden_size = config.text_config.hidden_size
         self.num_attention_heads = config.text_config.num_attention_heads
         self.vocab_size = config.text_config.vocab_size
+        # `output_hidden_states` adds the backbone's and the patch encoder's (`patch_encoder_hidden_states`).
+        self.num_hidden_states_types = 2
 
     def get_config(self):
         config = MiMoAudioConfig.from_pretrained(f"{GOLDEN}/lm_b/checkpoint")

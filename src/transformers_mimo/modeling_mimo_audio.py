@@ -26,6 +26,7 @@ from transformers.utils import (
     TransformersKwargs,
     auto_docstring,
     cached_file,
+    can_return_tuple,
     logging,
 )
 from transformers.utils.deprecation import deprecate_kwarg
@@ -73,19 +74,18 @@ class MiMoAudioOutputWithPast(ModelOutput):
         The backbone's output after its final norm, for the kept positions. Feed it to
         [`MiMoAudioForConditionalGeneration.get_patch_decoder_inputs`] to start a patch.
     patch_encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        Patch encoder hidden states, when `output_hidden_states=True` and the input has audio positions: see
-        [`MiMoAudioModelOutputWithPast`].
+        Patch encoder hidden states, when `output_hidden_states=True`: see [`MiMoAudioModelOutputWithPast`].
     patch_encoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Patch encoder attention weights, when `output_attentions=True` and the input has audio positions: see
-        [`MiMoAudioModelOutputWithPast`].
+        Patch encoder attention weights, when `output_attentions=True`: see [`MiMoAudioModelOutputWithPast`].
     patch_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        Hidden states of the teacher-forced patch decoder (computed when `audio_labels` has targets), when
-        `output_hidden_states=True`: each layer's output (the last one before the final norm), each of shape
-        `(num_patches, patch_decoder_steps, patch_decoder_hidden_size)`.
+        When `output_hidden_states=True` and `audio_labels` is given: each layer's output (the last one before the
+        final norm) of the teacher-forced patch decoder, each of shape
+        `(num_patches, patch_decoder_steps, patch_decoder_hidden_size)`; empty when no position has an audio target.
     patch_decoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Attention weights of the teacher-forced patch decoder, one per layer, each of shape
-        `(num_patches, patch_decoder_heads, patch_decoder_steps, patch_decoder_steps)`, when
-        `output_attentions=True` (with an attention implementation that returns them, e.g. `eager`).
+        When `output_attentions=True` and `audio_labels` is given: the teacher-forced patch decoder's attention
+        weights, one per layer, each of shape `(num_patches, patch_decoder_heads, patch_decoder_steps,
+        patch_decoder_steps)` (with an attention implementation that returns them, e.g. `eager`); empty when no
+        position has an audio target.
     """
 
     loss: torch.FloatTensor | None = None
@@ -116,13 +116,13 @@ class MiMoAudioModelOutputWithPast(BaseModelOutputWithPast):
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Backbone attention weights, when `output_attentions=True`.
     patch_encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        When `output_hidden_states=True` and the input has audio positions: each patch encoder layer's output (the
-        last one before the final norm), each of shape `(num_patches, group_size, patch_encoder_hidden_size)`, the
-        patches of the audio positions in row-major (batch, position) order.
+        When `output_hidden_states=True`: each patch encoder layer's output (the last one before the final norm), each
+        of shape `(num_patches, group_size, patch_encoder_hidden_size)`, the patches of the audio positions in
+        row-major (batch, position) order; empty when the input has no audio position.
     patch_encoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
-        When `output_attentions=True` and the input has audio positions: the patch encoder's attention weights, one
-        per layer, each of shape `(num_patches, patch_encoder_heads, group_size, group_size)` (with an attention
-        implementation that returns them, e.g. `eager`).
+        When `output_attentions=True`: the patch encoder's attention weights, one per layer, each of shape
+        `(num_patches, patch_encoder_heads, group_size, group_size)` (with an attention implementation that returns
+        them, e.g. `eager`); empty when the input has no audio position.
     """
 
     patch_encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -133,15 +133,16 @@ class MiMoAudioModelOutputWithPast(BaseModelOutputWithPast):
 _patch_hooks_lock = threading.Lock()
 
 
-def capture_patch_outputs(submodule: str):
+def capture_patch_outputs(submodule: str, only_with: str | None = None):
     """
     `capture_outputs` for the patch transformer held in the model's attribute `submodule` (`"patch_encoder"` or
     `"patch_decoder"`): its outputs are recorded under the model's `_can_record_outputs` keys `{submodule}_attentions`
     and `{submodule}_hidden_states`, apart from the backbone's `attentions` / `hidden_states`, and the usual
     `output_attentions` / `output_hidden_states` (argument or config) request them, as `output_attentions` requests
-    SAM's `mask_decoder_attentions`. The recording hooks are installed on `submodule` alone, at the first request: the
+    SAM's `mask_decoder_attentions`; with `only_with`, only when that keyword argument is given (the input that makes
+    the forward run `submodule`). The recording hooks are installed on `submodule` alone, at the first request: the
     backbone (a model of its own) installs its own, so no module is hooked twice, whatever the order of the calls.
-    Without a request the hooks return at once.
+    Without a request the forward runs as under `can_return_tuple`, and installed hooks return at once.
     """
     flags = {f"output_{submodule}_{kind}": f"output_{kind}" for kind in ("attentions", "hidden_states")}
 
@@ -153,19 +154,25 @@ def capture_patch_outputs(submodule: str):
             return forward(self, *args, **kwargs)
 
         recording_forward = capture_outputs(forward_without_flags)
+        plain_forward = can_return_tuple(forward)
 
         @wraps(forward)
         def wrapper(self, *args, **kwargs):
-            for flag, requested_by in flags.items():
-                kwargs[flag] = bool(kwargs.get(requested_by, getattr(self.config, requested_by, False)))
-            if any(kwargs[flag] for flag in flags) and not getattr(self, "_output_capturing_hooks_installed", False):
+            runs = only_with is None or kwargs.get(only_with) is not None
+            requested = {
+                flag: runs and bool(kwargs.get(requested_by, getattr(self.config, requested_by, False)))
+                for flag, requested_by in flags.items()
+            }
+            if not any(requested.values()):
+                return plain_forward(self, *args, **kwargs)
+            if not getattr(self, "_output_capturing_hooks_installed", False):
                 with _patch_hooks_lock:
                     if not getattr(self, "_output_capturing_hooks_installed", False):
                         recursively_install_hooks(
                             getattr(self, submodule), f".{submodule}", list(self._can_record_outputs.items())
                         )
                         self._output_capturing_hooks_installed = True
-            return recording_forward(self, *args, **kwargs)
+            return recording_forward(self, *args, **kwargs, **requested)
 
         return wrapper
 
@@ -889,7 +896,7 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         """
         return compute_logprobs(self, input_ids, audio_input_ids, attention_mask, temperature, audio_temperature)
 
-    @capture_patch_outputs("patch_decoder")
+    @capture_patch_outputs("patch_decoder", only_with="audio_labels")
     @auto_docstring
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
