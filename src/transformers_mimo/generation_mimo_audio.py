@@ -209,23 +209,6 @@ class MiMoAudioStreamer(BaseStreamer):
         return item
 
 
-def default_compile_config(device: torch.device) -> CompileConfig:
-    """
-    The compile config of `compile=True` when the generation config has none: static shapes (`dynamic=False`, one
-    compiled variant per batch size); on CUDA mode `"reduce-overhead"` (CUDA graphs); on CPU Inductor's C++ wrapper
-    (`cpp_wrapper`, the generated code calls its kernels from C++ instead of Python, which is most of a small model's
-    step time), with the wrapper and the kernels compiled separately (`cpp_wrapper_build_separate`: g++ on the
-    unrolled patch takes minutes otherwise).
-    """
-    if device.type == "cuda":
-        return CompileConfig(dynamic=False, mode="reduce-overhead")
-    if device.type == "cpu":
-        return CompileConfig(
-            dynamic=False, mode=None, options={"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
-        )
-    return CompileConfig(dynamic=False, mode="default")
-
-
 def _check_audio_generation_config(generation_config: GenerationConfig):
     temperature = generation_config.audio_temperature
     if not isinstance(temperature, (int, float)) or temperature <= 0:
@@ -632,12 +615,10 @@ class MiMoAudioGenerationMixin(GenerationMixin):
     def _generation_step_functions(self, generation_config: GenerationConfig, model_kwargs: dict) -> tuple:
         """
         The decode step and the patch function `_sample` calls, and whether they are compiled:
-        `(_decode_step, _generate_audio_patch, compiled)`. They are compiled when `generation_config.compile` is True,
-        or when it is None and Transformers' rule applies (a static cache on an accelerator, see
-        `_valid_auto_compile_criteria`), with `generation_config.compile_config` (default: `default_compile_config`).
-        The compiled functions are kept on the model and reused while the compile config stays the same;
-        `torch.compile` specialises them per batch size (`dynamic=False` by default), so compilation is paid once per
-        batch size.
+        `(_decode_step, _generate_audio_patch, compiled)`. They are compiled when `generation_config.compile` is True, or when it is None and Transformers' rule applies (a static cache
+        on an accelerator, see `_valid_auto_compile_criteria`). The compiled functions are kept on the model and reused
+        while the compile config stays the same; `torch.compile` specialises them per batch size (`dynamic=False`
+        by default), so compilation is paid once per batch size.
         """
         compile_steps = generation_config.compile
         if compile_steps is None:
@@ -645,8 +626,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         if not compile_steps:
             return self._decode_step, self._generate_audio_patch, False
         compile_config = generation_config.compile_config
-        if compile_config is None:
-            compile_config = default_compile_config(self.device)
+        if compile_config is None:  # static shapes per batch size; CUDA graphs where there is CUDA
+            on_cuda = self.device.type == "cuda"
+            compile_config = CompileConfig(dynamic=False, mode="reduce-overhead" if on_cuda else "default")
         options = compile_config.to_dict()
         if getattr(self, "_compiled_generation_options", None) != options:
             self._compiled_generation_options = options
