@@ -1,11 +1,14 @@
 """Transformers' pipelines on a tiny converted checkpoint (issue 17, item 10): `any-to-any` answers a conversation with
 audio input in text, and in speech with `generation_mode="audio"`; `text-to-speech` reads a text (or a chat) aloud."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN
-from transformers import LogitsProcessor, LogitsProcessorList, pipeline
+from transformers import LogitsProcessor, LogitsProcessorList, VitsConfig, VitsModel, VitsTokenizer, pipeline
+from transformers.pipelines.text_to_audio import TextToAudioPipeline
 
 from transformers_mimo import MiMoAudioTextToAudioPipeline
 from transformers_mimo.convert_mimo_audio_to_hf import convert
@@ -122,3 +125,28 @@ def test_text_to_speech_takes_a_chat_and_processor_kwargs(text_to_speech):
         text_to_speech("Hello", processor_kwargs={"speed": 2.0})
     with pytest.raises(ValueError, match="processor_kwargs"):
         text_to_speech("Hello", preprocess_params={"speed": 2.0})
+
+
+def test_text_to_speech_runs_other_models_as_the_stock_pipeline(tmp_path):
+    """Importing transformers_mimo makes the task build MiMoAudioTextToAudioPipeline for every model: a tiny VITS
+    model gives exactly what the stock TextToAudioPipeline gives."""
+    vocab = {character: index for index, character in enumerate(["<pad>", " ", "e", "h", "l", "o"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = VitsTokenizer(str(tmp_path / "vocab.json"), add_blank=False, phonemize=False)
+    config = VitsConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=16, flow_size=8,
+        spectrogram_bins=9, upsample_initial_channel=8, upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]], prior_encoder_num_flows=1,
+        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1,
+        duration_predictor_filter_channels=8, depth_separable_num_layers=1, sampling_rate=16000,
+    )  # fmt: skip
+    model = VitsModel(config).eval()
+    tts = pipeline("text-to-speech", model=model, tokenizer=tokenizer)
+    assert type(tts) is MiMoAudioTextToAudioPipeline
+    torch.manual_seed(0)  # VITS samples its durations and latents
+    output = tts("hello")
+    torch.manual_seed(0)
+    expected = TextToAudioPipeline(model=model, tokenizer=tokenizer)("hello")
+    assert output["sampling_rate"] == expected["sampling_rate"] == 16000
+    assert output["audio"].shape == expected["audio"].shape and output["audio"].size > 0
+    np.testing.assert_array_equal(output["audio"], expected["audio"])
