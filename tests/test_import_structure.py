@@ -25,6 +25,7 @@ LAYERS = {
     "prompting_mimo_audio": 1,
     "modeling_mimo_audio": 2,
     "modeling_mimo_audio_tokenizer": 2,
+    "pipelines_mimo_audio": 3,
     "processing_mimo_audio": 3,
     "training_mimo_audio": 3,
     "transcription_mimo_audio": 3,

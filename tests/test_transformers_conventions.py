@@ -3,6 +3,9 @@ unexpected weights reported, base <-> head checkpoints), the codec's `return_dic
 the tensor-parallel plan of the tied head. See docs/architecture.md ("Transformers conformance") for how the upstream
 common suites are run against this package."""
 
+import copy
+import inspect
+
 import pytest
 import torch
 from conftest import GOLDEN
@@ -153,3 +156,112 @@ def test_auto_docstrings_render_without_undocumented_arguments():
     for obj, line in rendered.items():
         assert line in obj.__doc__, obj
         assert "None" not in obj.__doc__.split("Args:")[0], obj  # the intro names no unknown model
+
+
+# GenerationTesterMixin (tests/generation/test_utils.py) is not in the transformers sdist, so the tests below redo the
+# calls of its tests that failed before issue 17, on a model built from the config as the mixin builds it (no stop
+# token, batch of 2, its logits-processor and sampling arguments). One difference is kept on purpose: this model's
+# default is the dict output (`audio_sequences`), so where the upstream test reads the default output as a tensor
+# (`.tolist()`), these pass `return_dict_in_generate=False` (see docs/architecture.md, "Transformers conformance").
+MIXIN_PROCESSING = {"bad_words_ids": [[1, 0]], "repetition_penalty": 1.2, "remove_invalid_values": True}
+MIXIN_SAMPLING = {"top_k": 10, "top_p": 0.7, "temperature": 0.7}
+
+
+@pytest.fixture(scope="module")
+def generator(lm_config):
+    config = copy.deepcopy(lm_config)
+    config.text_config.eos_token_id = None
+    torch.manual_seed(0)
+    return MiMoAudioForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def prompt():
+    input_ids = torch.randint(0, 400, (2, 7), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def test_greedy_generate_returns_the_sequences_tensor_whatever_the_output_flags(generator, prompt):
+    """As test_greedy_generate: with `return_dict_in_generate=False`, the `(batch, prompt + max_new_tokens)` tensor,
+    also when scores, logits, attentions and hidden states are asked for (a dict-only request, ignored)."""
+    greedy = {"do_sample": False, "num_beams": 1, "max_new_tokens": 3, "return_dict_in_generate": False}
+    output = generator.generate(**prompt, **greedy, **MIXIN_PROCESSING)
+    assert isinstance(output, torch.Tensor) and output.shape == (2, 7 + 3)
+    assert torch.equal(output[:, :7], prompt["input_ids"])
+    flags = {"output_scores": True, "output_logits": True, "output_attentions": True, "output_hidden_states": True}
+    flagged = generator.generate(**prompt, **greedy, **MIXIN_PROCESSING, **flags, use_cache=False)
+    assert isinstance(flagged, torch.Tensor) and torch.equal(flagged, output)
+
+
+def test_greedy_generate_dict_outputs_with_and_without_cache(generator, prompt):
+    """As test_greedy_generate_dict_outputs(_use_cache): the dict output holds one score / logits row per new token and
+    the same sequences as the tensor output."""
+    greedy = {"do_sample": False, "max_new_tokens": 3, **MIXIN_PROCESSING}
+    expected = generator.generate(**prompt, **greedy, return_dict_in_generate=False)
+    vocab_size = generator.config.text_config.vocab_size
+    for use_cache in (False, True):
+        output = generator.generate(
+            **prompt, **greedy, return_dict_in_generate=True, output_scores=True, output_logits=True,
+            output_hidden_states=True, use_cache=use_cache,
+        )  # fmt: skip
+        assert torch.equal(output.sequences, expected)
+        assert output.audio_sequences.shape == (2, 10, generator.config.group_size, generator.config.audio_channels)
+        assert len(output.scores) == len(output.logits) == len(output.hidden_states) == 3
+        assert all(score.shape == (2, vocab_size) for score in output.scores + output.logits)
+        assert output.hidden_states[0][-1].shape[:2] == (2, 7)  # the prompt's, then one position per step
+        assert output.hidden_states[1][-1].shape[:2] == ((2, 1) if use_cache else (2, 8))
+
+
+def test_sample_generate_is_seeded_and_repeats_the_prompt_per_sequence(generator, prompt):
+    """As test_sample_generate: sampling with the mixin's warpers gives the `(batch * num_return_sequences,
+    prompt + max_new_tokens)` tensor, the same for the same seed."""
+    sample = {"do_sample": True, "max_new_tokens": 3, "return_dict_in_generate": False, **MIXIN_PROCESSING}
+    torch.manual_seed(0)
+    first = generator.generate(**prompt, **sample, **MIXIN_SAMPLING, num_return_sequences=1)
+    torch.manual_seed(0)
+    again = generator.generate(**prompt, **sample, **MIXIN_SAMPLING, num_return_sequences=1)
+    assert first.shape == (2, 10) and torch.equal(first, again)
+    torch.manual_seed(0)
+    several = generator.generate(**prompt, **sample, **MIXIN_SAMPLING, num_return_sequences=3)
+    assert several.shape == (6, 10)
+    assert torch.equal(several[:, :7], prompt["input_ids"].repeat_interleave(3, dim=0))
+
+
+def test_generate_methods_with_logits_to_keep(generator, prompt):
+    """As the upstream test: `forward` takes `logits_to_keep`; keeping every position's logits (0) generates what the
+    default (last position only) does, in the tensor and in the dict output (text and audio)."""
+    assert "logits_to_keep" in inspect.signature(MiMoAudioForConditionalGeneration.forward).parameters
+    greedy = {"max_new_tokens": 10, "do_sample": False}
+    with_all = generator.generate(**prompt, **greedy, logits_to_keep=0, return_dict_in_generate=False)
+    without_all = generator.generate(**prompt, **greedy, return_dict_in_generate=False)
+    assert with_all.shape == (2, 17) and with_all.tolist() == without_all.tolist()
+    with_all_dict = generator.generate(**prompt, **greedy, logits_to_keep=0)  # the model's default: the dict output
+    without_all_dict = generator.generate(**prompt, **greedy)
+    assert torch.equal(with_all_dict.sequences, with_all)
+    assert torch.equal(with_all_dict.audio_sequences, without_all_dict.audio_sequences)
+
+
+def test_generate_with_and_without_position_ids_on_a_left_padded_batch(generator, prompt):
+    """As the upstream test: positions inferred from a left-padded attention mask, passed explicitly, generate the
+    same sequences."""
+    attention_mask = prompt["attention_mask"].clone()
+    attention_mask[0, :3] = 0
+    inputs = {"input_ids": prompt["input_ids"], "attention_mask": attention_mask}
+    greedy = {"max_new_tokens": 5, "use_cache": True, "do_sample": False, "return_dict_in_generate": False}
+    without_positions = generator.generate(**inputs, **greedy)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    with_positions = generator.generate(**inputs, **greedy, position_ids=position_ids)
+    assert without_positions.shape == (2, 12) and without_positions.tolist() == with_positions.tolist()
+    # the padded row generates what it generates alone
+    alone = generator.generate(prompt["input_ids"][:1, 3:], **greedy)
+    assert torch.equal(without_positions[0, 7:], alone[0, 4:])
+
+
+def test_generate_without_input_ids_starts_from_bos(generator):
+    """As test_generate_without_input_ids: no prompt starts from the generation config's `bos_token_id`, else
+    `<|im_start|>`."""
+    greedy = {"do_sample": False, "max_new_tokens": 3, "remove_invalid_values": True, "return_dict_in_generate": False}
+    output = generator.generate(**greedy)
+    assert generator.generation_config.bos_token_id is None
+    assert output.shape == (1, 4) and output[0, 0] == generator.config.im_start_token_id
+    assert generator.generate(**greedy, bos_token_id=7)[0, 0] == 7

@@ -2,6 +2,7 @@
 written the way the in-tree csm / mimi tests are. Run by `run.sh` inside a copy of the transformers test suite."""
 
 import unittest
+import unittest.mock
 
 import torch
 
@@ -13,16 +14,18 @@ from transformers_mimo import (
     MiMoAudioTokenizerModel,
 )
 
+from ... import test_modeling_common
 from ...generation.test_utils import GenerationTesterMixin
 from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 from . import GOLDEN
 
 
 class MiMoAudioModelTester:
-    def __init__(self, parent, batch_size=3, seq_length=7):
+    def __init__(self, parent, batch_size=3, seq_length=7, audio_positions=3):
         self.parent = parent
         self.batch_size = batch_size
         self.seq_length = seq_length
+        self.audio_positions = audio_positions
         self.is_training = True
         config = self.get_config()
         self.num_hidden_layers = config.text_config.num_hidden_layers
@@ -31,6 +34,7 @@ class MiMoAudioModelTester:
         self.vocab_size = config.text_config.vocab_size
         # `output_hidden_states` adds the backbone's and the patch encoder's (`patch_encoder_hidden_states`).
         self.num_hidden_states_types = 2
+        self.empty_token_id = config.empty_token_id
 
     def get_config(self):
         config = MiMoAudioConfig.from_pretrained(f"{GOLDEN}/lm_b/checkpoint")
@@ -61,10 +65,29 @@ class MiMoAudioModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestC
     def setUp(self):
         self.model_tester = MiMoAudioModelTester(self)
 
+    @staticmethod
+    def _base_model_listed():
+        """The training tests leave out base models (no loss) by their entry in the in-tree `MODEL_MAPPING_NAMES`,
+        which a class registered from outside Transformers cannot have: list `MiMoAudioModel` there for them."""
+        base_models = {**test_modeling_common.MODEL_MAPPING_NAMES, "mimo_audio": MiMoAudioModel.__name__}
+        return unittest.mock.patch.object(test_modeling_common, "MODEL_MAPPING_NAMES", base_models)
+
+    def test_training(self):
+        with self._base_model_listed():
+            super().test_training()
+
+    def check_training_gradient_checkpointing(self, gradient_checkpointing_kwargs=None):
+        with self._base_model_listed():
+            super().check_training_gradient_checkpointing(gradient_checkpointing_kwargs)
+
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels)
         if return_labels and model_class is MiMoAudioForConditionalGeneration:
+            # a training sample ends with speech (`<|empty|>` in the text channel), so that every weight gets a
+            # gradient: the patch encoder reads the audio positions, the patch decoder predicts their patches
+            inputs_dict["input_ids"][:, -self.model_tester.audio_positions :] = self.model_tester.empty_token_id
             inputs_dict["labels"] = inputs_dict["input_ids"].clone()
+            inputs_dict["audio_labels"] = inputs_dict["audio_input_ids"].clone()
         return inputs_dict
 
 

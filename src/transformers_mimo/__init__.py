@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .audio_utils import htk_mel_filter_bank, resample_waveform
 from .configuration_mimo_audio import (
@@ -48,6 +49,7 @@ from .modeling_mimo_audio_tokenizer import (
     MiMoAudioTokenizerStreamingCache,
     MiMoAudioTokenizerStreamingDecoderOutput,
 )
+from .pipelines_mimo_audio import MiMoAudioTextToAudioPipeline
 from .processing_mimo_audio import MiMoAudioDecodedOutput, MiMoAudioProcessor
 from .prompting_mimo_audio import V25_ASR_INSTRUCTIONS, V25_LANGUAGE_TAGS
 from .quantization_mimo_audio import QUANTIZATION_SKIP_MODULES, UNQUANTIZED_MODULES
@@ -87,6 +89,12 @@ register_checkpoint_conversion_mapping(
 AutoFeatureExtractor.register(MiMoAudioTokenizerConfig, MiMoAudioFeatureExtractor, exist_ok=True)
 AutoFeatureExtractor.register(MiMoAudioConfig, MiMoAudioFeatureExtractor, exist_ok=True)
 AutoProcessor.register(MiMoAudioConfig, MiMoAudioProcessor, exist_ok=True)
+# `pipeline("text-to-speech")` / `pipeline("text-to-audio")` build the task's pipeline extended for MiMo-Audio, which
+# runs every other model as the stock one does (see pipelines_mimo_audio.py).
+PIPELINE_REGISTRY.supported_tasks["text-to-audio"] = {
+    **PIPELINE_REGISTRY.supported_tasks["text-to-audio"],
+    "impl": MiMoAudioTextToAudioPipeline,
+}
 
 __all__ = [
     "LORA_TARGET_MODULES",
@@ -110,6 +118,7 @@ __all__ = [
     "MiMoAudioPreTrainedModel",
     "MiMoAudioProcessor",
     "MiMoAudioStreamer",
+    "MiMoAudioTextToAudioPipeline",
     "MiMoAudioTokenizerConfig",
     "MiMoAudioTokenizerDecoderOutput",
     "MiMoAudioTokenizerEncoderOutput",
