@@ -123,6 +123,21 @@ def stacked_audio(per_step, sample=0):
 def test_greedy_generation_matches_original_fp32(case, prompt, run, cache_implementation, models, golden):
     """Both decode paths: the dynamic LLM cache (default), and the static one, whose static-shape decode step is
     the code `compile=True` compiles (the compiled functions are checked against it below)."""
+    check_greedy_generation_against_original(
+        case, prompt, run, models, golden, cache_implementation=cache_implementation
+    )
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_compiled_greedy_generation_matches_original_fp32(run, models, golden):
+    """`compile=True` at batch 1, the fast path's main case on CPU (one-row products decomposed into Inductor's loops,
+    eager attention in the patch decoder; see `default_compile_config`): the original's ids exactly, its logits."""
+    case = CASES[0]
+    check_greedy_generation_against_original(case, LM_CASES[case][0], run, models, golden, compile=True)
+
+
+def check_greedy_generation_against_original(case, prompt, run, models, golden, **generate_kwargs):
+    """Greedy generation of a golden prompt against the original's run: grid, per-step tokens, logits and scores."""
     tensors, manifest = golden(case)
     model = models(case)
     group_size = model.config.group_size
@@ -136,7 +151,7 @@ def test_greedy_generation_matches_original_fp32(case, prompt, run, cache_implem
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
-        cache_implementation=cache_implementation,
+        **generate_kwargs,
         **generation_kwargs(manifest, "fp32", prompt, run),
     )
     assert isinstance(out, MiMoAudioGenerateOutput)

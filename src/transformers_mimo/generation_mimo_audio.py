@@ -24,7 +24,8 @@ default mode captures them in CUDA graphs), the patch over a `StaticCache` with 
 when no sample chose audio, and once for the stopping criteria (as Transformers' own loop). See docs/performance.md.
 """
 
-from contextlib import nullcontext
+import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
@@ -69,6 +70,19 @@ MIMO_AUDIO_GENERATION_DEFAULTS = {
 # audio top-p 0.95 / temperature 0.9. The per-task settings (`TASKS` of `prompting_mimo_audio`) start from these.
 ORIGINAL_TEXT_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.95}
 ORIGINAL_AUDIO_SAMPLING = {"audio_do_sample": True, "audio_temperature": 0.9, "audio_top_p": 0.95}
+
+
+def default_compile_config(device: torch.device) -> CompileConfig:
+    """
+    The compile config of `generate(..., compile=True)` when the generation config names none: static shapes (one
+    compiled variant per batch size). On CUDA, mode `"reduce-overhead"` (CUDA graphs). On CPU, Inductor's
+    `decompose_mm_pass`: matrix products with one row (every batch-1 decode product) become its own loops, fused with
+    the norms, rotary and activations around them, instead of about 1,400 calls of an external GEMM per batch-1 patch
+    (docs/performance.md).
+    """
+    if device.type == "cuda":
+        return CompileConfig(dynamic=False, mode="reduce-overhead")
+    return CompileConfig(dynamic=False, mode=None, options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
 
 
 def default_generation_config(config, tokenizer=None) -> GenerationConfig:
@@ -149,6 +163,8 @@ class _PatchDecoding:
             implementation's format (`None` with a dynamic cache, which holds only the steps a step attends to).
         position_embeddings (`tuple[tuple[torch.Tensor, torch.Tensor], ...]`): per step, the rotary `(cos, sin)`,
             each `(1, 1, head_dim)`.
+        attn_implementation (`str`, *optional*): the attention implementation the patch decoder runs with while it
+            generates a patch (`patch_attention`), when it differs from its config's; the masks are in its format.
     """
 
     cache: Cache
@@ -156,6 +172,22 @@ class _PatchDecoding:
     position_ids: tuple[torch.LongTensor, ...]
     attention_masks: tuple[torch.Tensor | None, ...]
     position_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    attn_implementation: str | None = None
+
+
+@contextmanager
+def patch_attention(decoder_config, attn_implementation: str | None):
+    """
+    Runs the patch decoder with `attn_implementation` inside the block (its config's when `None`), then restores its
+    config. See [`_PatchDecoding`].
+    """
+    previous = decoder_config._attn_implementation_internal
+    if attn_implementation is not None:
+        decoder_config._attn_implementation_internal = attn_implementation
+    try:
+        yield
+    finally:
+        decoder_config._attn_implementation_internal = previous
 
 
 class MiMoAudioStreamer(BaseStreamer):
@@ -444,7 +476,9 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         for every patch (see [`_PatchDecoding`]). `static`: a `StaticCache` of all the patch's steps, allocated up
         front, with one causal-mask row per step (fixed shapes, for compiled steps); else a `DynamicCache` that holds
         exactly the steps so far, so that a step attends to all of it without a mask (fewer operations per layer in
-        eager mode; the same attention).
+        eager mode; the same attention). A static patch on CPU runs eager attention instead of SDPA: over at most
+        `patch_decoder_steps` positions, Inductor fuses it into its own loops, where each SDPA call is an external
+        kernel of about 30 us (1 query, 11 keys), 176 per patch at the released sizes.
         """
         config = self.config
         decoder_config = config.patch_decoder_config
@@ -457,7 +491,12 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         position_ids = torch.arange(steps, device=device)[None]
         inputs_embeds = torch.zeros(batch_size, steps, decoder_config.hidden_size, dtype=dtype, device=device)
         cos, sin = self.patch_decoder.rotary_emb(inputs_embeds, position_ids)
+        attn_implementation = None
         if static:
+            if decoder_config._attn_implementation == "sdpa" and device.type == "cpu":
+                attn_implementation = "eager"
+                decoder_config = copy.copy(decoder_config)  # the masks in eager format
+                decoder_config._attn_implementation_internal = attn_implementation
             cache = StaticCache(config=decoder_config, max_cache_len=steps)
             head_dim = getattr(decoder_config, "head_dim", None) or decoder_config.hidden_size // (
                 decoder_config.num_attention_heads
@@ -487,6 +526,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             position_ids=tuple(position_ids[:, step : step + 1] for step in range(steps)),
             attention_masks=masks,
             position_embeddings=tuple((cos[:, step : step + 1], sin[:, step : step + 1]) for step in range(steps)),
+            attn_implementation=attn_implementation,
         )
 
     def _generate_audio_patch(
@@ -626,9 +666,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         if not compile_steps:
             return self._decode_step, self._generate_audio_patch, False
         compile_config = generation_config.compile_config
-        if compile_config is None:  # static shapes per batch size; CUDA graphs where there is CUDA
-            on_cuda = self.device.type == "cuda"
-            compile_config = CompileConfig(dynamic=False, mode="reduce-overhead" if on_cuda else "default")
+        if compile_config is None:
+            compile_config = default_compile_config(self.device)
         options = compile_config.to_dict()
         if getattr(self, "_compiled_generation_options", None) != options:
             self._compiled_generation_options = options
@@ -755,7 +794,11 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             is_audio = next_tokens == config.empty_token_id
             step_audio_logits = step_audio_scores = None
             if is_audio.any():
-                with torch.inference_mode(), _guard_stance(patch_seen):
+                with (
+                    torch.inference_mode(),
+                    _guard_stance(patch_seen),
+                    patch_attention(config.patch_decoder_config, patch_decoding.attn_implementation),
+                ):
                     patch, failed, step_audio_logits, step_audio_scores = generate_audio_patch(
                         # the same strides after prefill and decode steps (one compiled variant)
                         outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format),
