@@ -67,6 +67,26 @@ def test_own_checkpoint_with_missing_and_unexpected_weights_loads_with_report(tm
     assert model.patch_decoder.heads[2].weight.abs().sum() > 0
 
 
+def test_save_original_format_writes_the_original_key_names_back(tmp_path):
+    """As upstream's test_reverse_loading_mapping: saving with `save_original_format=True` reverts the registered
+    mapping, giving back exactly the original checkpoint's tensor names (and loading them again gives the same
+    weights). The default stays this package's layout."""
+    original_dir = GOLDEN / "lm_b" / "checkpoint"
+    model = MiMoAudioForConditionalGeneration.from_pretrained(original_dir)
+    model.save_pretrained(tmp_path / "original", save_original_format=True)
+    saved = load_file(tmp_path / "original" / "model.safetensors")
+    assert set(saved) == set(load_file(original_dir / "model.safetensors"))
+    assert torch.equal(saved["hidden_states_downcast.weight"], model.patch_decoder.input_proj.weight)
+    assert torch.equal(saved["local_transformer_lm_heads.2.weight"], model.patch_decoder.heads[2].weight)
+    reloaded, info = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path / "original", output_loading_info=True)
+    assert not any(info.values())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    model.save_pretrained(tmp_path / "default")
+    prefixes = {key.split(".")[0] for key in load_file(tmp_path / "default" / "model.safetensors")}
+    assert prefixes == {"lm_head", "model", "patch_decoder"}
+
+
 def test_codec_own_checkpoint_reports_missing_weights(tmp_path, codec_config):
     torch.manual_seed(0)
     MiMoAudioTokenizerModel(codec_config).save_pretrained(tmp_path)
