@@ -3,9 +3,12 @@
 # in-tree csm / mimi tests are written. Not part of CI: it needs the transformers source distribution of the installed
 # version (from the package registry) plus `parameterized` and `pillow`, installed into a scratch folder. The sdist
 # lacks tests/generation/test_utils.py, tests/exporters/ and utils/fetch_hub_objects_for_ci.py, so they are stubbed:
-# GenerationTesterMixin adds no tests here (tests/test_transformers_conventions.py covers its calls).
+# GenerationTesterMixin adds no tests then (tests/test_transformers_conventions.py covers its calls). To run the real
+# GenerationTesterMixin, save the transformers repository's tests/generation/test_utils.py (of the release closest to the
+# installed one) anywhere outside this repository and point GENERATION_TEST_UTILS at it.
 #
 #   benchmarks/transformers_common/run.sh [pytest args]     # e.g. -k "Tokenizer" -x
+#   GENERATION_TEST_UTILS=/path/to/test_utils.py benchmarks/transformers_common/run.sh -k "MiMoAudioModelTest"
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -22,8 +25,13 @@ mkdir -p "$work/suite/tests/generation" "$work/suite/tests/exporters" "$work/sui
 cp "$work"/sdist/transformers-*/tests/*.py "$work/suite/tests/"
 touch "$work/suite/tests/__init__.py" "$work/suite/tests/generation/__init__.py" \
     "$work/suite/tests/exporters/__init__.py" "$work/suite/tests/models/__init__.py"
-printf 'class GenerationTesterMixin:\n    """Stub: not in the sdist."""\n' > "$work/suite/tests/generation/test_utils.py"
-printf 'class ExportTesterMixin:\n    """Stub: not in the sdist."""\n' > "$work/suite/tests/exporters/test_export.py"
+if [[ -n "${GENERATION_TEST_UTILS:-}" ]]; then
+    cp "$GENERATION_TEST_UTILS" "$work/suite/tests/generation/test_utils.py"
+else
+    printf 'class GenerationTesterMixin:\n    """Stub: not in the sdist."""\n' > "$work/suite/tests/generation/test_utils.py"
+fi
+printf 'class ExportTesterMixin:\n    """Stub: not in the sdist."""\n\n\nclass ExportGenerateTesterMixin(ExportTesterMixin):\n    """Stub."""\n' \
+    > "$work/suite/tests/exporters/test_export.py"
 printf 'def url_to_local_path(url, *args, **kwargs):\n    return url\n' > "$work/suite/utils/fetch_hub_objects_for_ci.py"
 cp -r "$here" "$work/suite/tests/models/mimo_audio"
 sed -i "s#^GOLDEN = .*#GOLDEN = \"$repo/tests/fixtures/golden\"#" "$work/suite/tests/models/mimo_audio/__init__.py"
