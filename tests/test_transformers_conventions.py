@@ -85,6 +85,13 @@ def test_save_original_format_writes_the_original_key_names_back(tmp_path):
     model.save_pretrained(tmp_path / "default")
     prefixes = {key.split(".")[0] for key in load_file(tmp_path / "default" / "model.safetensors")}
     assert prefixes == {"lm_head", "model", "patch_decoder"}
+    # a patch decoder wider than the audio embeddings has `embeddings_proj` (lm_b has none)
+    config = copy.deepcopy(model.config)
+    config.patch_decoder_config.hidden_size *= 2
+    MiMoAudioForConditionalGeneration(config).save_pretrained(tmp_path / "wide", save_original_format=True)
+    prefixes = {key.split(".")[0] for key in load_file(tmp_path / "wide" / "model.safetensors")}
+    assert {"speech_embeddings_to_local", "hidden_states_downcast", "local_transformer_lm_heads"} <= prefixes
+    assert "patch_decoder" not in prefixes
 
 
 def test_codec_own_checkpoint_reports_missing_weights(tmp_path, codec_config):
