@@ -216,6 +216,7 @@ class MiMoAudioModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestC
                 **generate_kwargs,
                 max_new_tokens=1,
             )
+            self.assertIs(continued.cache, first.cache)  # continued in the given cache, not recomputed
             torch.testing.assert_close(continued.sequences, outputs.sequences, rtol=0, atol=0)
             torch.testing.assert_close(continued.audio_sequences, outputs.audio_sequences, rtol=0, atol=0)
             for scores, continued_scores in zip(outputs.scores, first.scores + continued.scores):
