@@ -126,6 +126,7 @@ def forced_audio_generate(model, prompt, steps: int, mode: str, **kwargs):
         max_new_tokens=steps,
         eos_token_id=None,
         logits_processor=LogitsProcessorList([ChooseAudio(model.config.empty_token_id)]),
+        return_dict_in_generate=True,  # a model built from a config returns the text tensor by default
         **MODES[mode],
         **kwargs,
     )

@@ -454,7 +454,7 @@ def test_other_config_patches_match_teacher_forcing_and_batch():
         ours = torch.cat([reported[0][channel][is_audio[0]], reported[1][channel][is_audio[1]]])
         torch.testing.assert_close(ours, logits, rtol=0, atol=FP32_ATOL)
 
-    alone = model.generate(input_ids[1:], audio_input_ids[1:], **kwargs)
+    alone = model.generate(input_ids[1:], audio_input_ids[1:], return_dict_in_generate=True, **kwargs)
     assert torch.equal(alone.sequences[0], out.sequences[1])
     assert torch.equal(alone.audio_sequences[0], out.audio_sequences[1])
 

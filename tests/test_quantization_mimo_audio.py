@@ -268,5 +268,7 @@ def test_4bit_layers_the_packed_cpu_kernel_rejects_keep_working(tmp_path):
         expected = reference(input_ids=input_ids).logits
     assert logits.shape == (1, 6, 448) and torch.isfinite(logits).all()
     assert (logits - expected).norm() / expected.norm() < 0.5
-    generated = model.generate(input_ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    generated = model.generate(
+        input_ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True
+    )
     assert generated.sequences.shape == (1, 9)

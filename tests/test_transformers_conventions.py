@@ -67,6 +67,33 @@ def test_own_checkpoint_with_missing_and_unexpected_weights_loads_with_report(tm
     assert model.patch_decoder.heads[2].weight.abs().sum() > 0
 
 
+def test_save_original_format_writes_the_original_key_names_back(tmp_path):
+    """As upstream's test_reverse_loading_mapping: saving with `save_original_format=True` reverts the registered
+    mapping, giving back exactly the original checkpoint's tensor names (and loading them again gives the same
+    weights). The default stays this package's layout."""
+    original_dir = GOLDEN / "lm_b" / "checkpoint"
+    model = MiMoAudioForConditionalGeneration.from_pretrained(original_dir)
+    model.save_pretrained(tmp_path / "original", save_original_format=True)
+    saved = load_file(tmp_path / "original" / "model.safetensors")
+    assert set(saved) == set(load_file(original_dir / "model.safetensors"))
+    assert torch.equal(saved["hidden_states_downcast.weight"], model.patch_decoder.input_proj.weight)
+    assert torch.equal(saved["local_transformer_lm_heads.2.weight"], model.patch_decoder.heads[2].weight)
+    reloaded, info = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path / "original", output_loading_info=True)
+    assert not any(info.values())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    model.save_pretrained(tmp_path / "default")
+    prefixes = {key.split(".")[0] for key in load_file(tmp_path / "default" / "model.safetensors")}
+    assert prefixes == {"lm_head", "model", "patch_decoder"}
+    # a patch decoder wider than the audio embeddings has `embeddings_proj` (lm_b has none)
+    config = copy.deepcopy(model.config)
+    config.patch_decoder_config.hidden_size *= 2
+    MiMoAudioForConditionalGeneration(config).save_pretrained(tmp_path / "wide", save_original_format=True)
+    prefixes = {key.split(".")[0] for key in load_file(tmp_path / "wide" / "model.safetensors")}
+    assert {"speech_embeddings_to_local", "hidden_states_downcast", "local_transformer_lm_heads"} <= prefixes
+    assert "patch_decoder" not in prefixes
+
+
 def test_codec_own_checkpoint_reports_missing_weights(tmp_path, codec_config):
     torch.manual_seed(0)
     MiMoAudioTokenizerModel(codec_config).save_pretrained(tmp_path)
@@ -160,9 +187,8 @@ def test_auto_docstrings_render_without_undocumented_arguments():
 
 # GenerationTesterMixin (tests/generation/test_utils.py) is not in the transformers sdist, so the tests below redo the
 # calls of its tests that failed before issue 17, on a model built from the config as the mixin builds it (no stop
-# token, batch of 2, its logits-processor and sampling arguments). One difference is kept on purpose: this model's
-# default is the dict output (`audio_sequences`), so where the upstream test reads the default output as a tensor
-# (`.tolist()`), these pass `return_dict_in_generate=False` (see docs/architecture.md, "Transformers conformance").
+# token, batch of 2, its logits-processor and sampling arguments). benchmarks/transformers_common/run.sh runs the mixin
+# itself when given the file (see docs/architecture.md, "Transformers conformance").
 MIXIN_PROCESSING = {"bad_words_ids": [[1, 0]], "repetition_penalty": 1.2, "remove_invalid_values": True}
 MIXIN_SAMPLING = {"top_k": 10, "top_p": 0.7, "temperature": 0.7}
 
@@ -235,8 +261,8 @@ def test_generate_methods_with_logits_to_keep(generator, prompt):
     with_all = generator.generate(**prompt, **greedy, logits_to_keep=0, return_dict_in_generate=False)
     without_all = generator.generate(**prompt, **greedy, return_dict_in_generate=False)
     assert with_all.shape == (2, 17) and with_all.tolist() == without_all.tolist()
-    with_all_dict = generator.generate(**prompt, **greedy, logits_to_keep=0)  # the model's default: the dict output
-    without_all_dict = generator.generate(**prompt, **greedy)
+    with_all_dict = generator.generate(**prompt, **greedy, logits_to_keep=0, return_dict_in_generate=True)
+    without_all_dict = generator.generate(**prompt, **greedy, return_dict_in_generate=True)
     assert torch.equal(with_all_dict.sequences, with_all)
     assert torch.equal(with_all_dict.audio_sequences, without_all_dict.audio_sequences)
 
@@ -255,6 +281,28 @@ def test_generate_with_and_without_position_ids_on_a_left_padded_batch(generator
     # the padded row generates what it generates alone
     alone = generator.generate(prompt["input_ids"][:1, 3:], **greedy)
     assert torch.equal(without_positions[0, 7:], alone[0, 4:])
+
+
+def test_default_output_is_the_generation_configs_choice(tmp_path, generator, prompt):
+    """As upstream's test_generate_methods_with_logits_to_keep reads it: a model built from a config returns the
+    `sequences` tensor by default, also after a save and reload; an original checkpoint (converted on load) and one
+    whose saved generation config asks for it return the dict with `audio_sequences`."""
+    greedy = {"max_new_tokens": 2, "do_sample": False}
+    default = generator.generate(**prompt, **greedy)
+    assert isinstance(default, torch.Tensor) and default.shape == (2, 9)
+    assert default.tolist() == generator.generate(**prompt, **greedy, return_dict_in_generate=False).tolist()
+    generator.save_pretrained(tmp_path / "from_config")
+    reloaded = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path / "from_config").eval()
+    assert not reloaded.generation_config.return_dict_in_generate
+    assert torch.equal(reloaded.generate(**prompt, **greedy), default)
+
+    original = MiMoAudioForConditionalGeneration.from_pretrained(GOLDEN / "lm_b" / "checkpoint").eval()
+    output = original.generate(**prompt, **greedy)
+    assert output.sequences.shape == (2, 9)
+    assert output.audio_sequences.shape == (2, 9, original.config.group_size, original.config.audio_channels)
+    original.save_pretrained(tmp_path / "saved")
+    saved = MiMoAudioForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(saved.generate(**prompt, **greedy).audio_sequences, output.audio_sequences)
 
 
 def test_generate_without_input_ids_starts_from_bos(generator):

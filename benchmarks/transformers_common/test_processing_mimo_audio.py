@@ -37,6 +37,10 @@ class MiMoAudioProcessorTest(ProcessorTesterMixin, unittest.TestCase):
             **cls.prepare_processor_dict(),
         )
 
+    def prepare_components(self, **kwargs):
+        # the mixin's components are the processor "attributes"; the codec that encodes waveforms is not one (above)
+        return {**super().prepare_components(**kwargs), "audio_tokenizer": self._codec()}
+
     @staticmethod
     def prepare_processor_dict():
         return {"audio_empty_ids": [32, 32, 8, 8, 8, 8, 8, 8]}

@@ -52,16 +52,18 @@ SPECIAL_TOKEN_ID_FIELDS = {
 
 # ----------------------------------------------------------------------------------------- language model: tensors
 
-# Original checkpoint key (regex) -> key of `MiMoAudioForConditionalGeneration` (first matching rule wins).
+# Original checkpoint key (regex) -> key of `MiMoAudioForConditionalGeneration` (first matching rule wins). No source
+# key matches two rules. Loading applies the rules in this order and saving with `save_original_format=True` reverts
+# them in the opposite order, so a rule whose target prefixes another's (`patch_decoder.`) comes before that one.
 ORIGINAL_CHECKPOINT_KEY_MAPPING = {
     r"^model\.(?!language_model\.|audio_embeddings\.|patch_encoder\.)": "model.language_model.",
+    r"^local_transformer\.": "patch_decoder.",
     r"^speech_embeddings\.": "model.audio_embeddings.",
     r"^input_local_transformer\.": "model.patch_encoder.",
     r"^speech_group_downcast\.": "model.patch_encoder.proj.",
     r"^hidden_states_downcast\.": "patch_decoder.input_proj.",
     r"^speech_embeddings_to_local\.": "patch_decoder.embeddings_proj.",
     r"^local_transformer_lm_heads\.": "patch_decoder.heads.",
-    r"^local_transformer\.": "patch_decoder.",
 }
 # Non-persistent buffers that some original checkpoints carry; the model recomputes them from the config.
 ORIGINAL_DROPPED_KEY_PATTERN = re.compile(r"(^|\.)rotary_emb\.inv_freq$")

@@ -329,11 +329,13 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                 Generation controls, `logits_processor` / `stopping_criteria` for the text channel, and model kwargs.
 
         Returns:
-            With `return_dict_in_generate=True` (this model's default, set in its generation config): a
-            [`MiMoAudioGenerateOutput`] with `sequences` `(batch_size, total_length)` and `audio_sequences`
-            `(batch_size, total_length, group_size, audio_channels)`, prompt included, plus scores, logits and the
-            cache when asked for. With `return_dict_in_generate=False`, as every Transformers model: the `sequences`
-            tensor (text channel) only; the generated audio needs the dict output.
+            With `return_dict_in_generate=True`: a [`MiMoAudioGenerateOutput`] with `sequences`
+            `(batch_size, total_length)` and `audio_sequences` `(batch_size, total_length, group_size,
+            audio_channels)`, prompt included, plus scores, logits and the cache when asked for. With
+            `return_dict_in_generate=False`, as every Transformers model: the `sequences` tensor (text channel) only;
+            the generated audio needs the dict output. The default is the generation config's: a converted
+            checkpoint (`default_generation_config`) and an original one return the dict, a model built from a config
+            the tensor, as any Transformers model.
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)

@@ -22,7 +22,6 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.processing_utils import Unpack
 from transformers.utils import (
     CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
     TransformersKwargs,
     auto_docstring,
     cached_file,
@@ -223,6 +222,11 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
         (a warning, and `output_loading_info=True`), so a base-model checkpoint loads into the head class and vice
         versa. Loading an original checkpoint is a conversion: there, a missing, unexpected or mis-shaped tensor
         raises a `ValueError`.
+
+        Generation settings come from the checkpoint's `generation_config.json`, as for any model: a converted
+        checkpoint stores `default_generation_config` (the original's sampling and the dict output with
+        `audio_sequences`). An original checkpoint stores no MiMo-Audio settings: it keeps Transformers' sampling
+        defaults and returns the dict output, as a converted one does.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
@@ -234,11 +238,10 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
                 f"use its generic 4-bit path on CPU: {unpacked}"
             )
         hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
-        if model.can_generate() and "return_dict_in_generate" not in _stored_generation_config(
-            pretrained_model_name_or_path, hub_kwargs
-        ):
-            model.generation_config.return_dict_in_generate = True  # see `MiMoAudioForConditionalGeneration`
         if _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs):
+            if model.can_generate():
+                # returns `audio_sequences`, as a converted checkpoint does (its stored `default_generation_config`)
+                model.generation_config.return_dict_in_generate = True
             loading_info["unexpected_keys"] = {
                 key
                 for key in loading_info.get("unexpected_keys") or []
@@ -254,20 +257,6 @@ class MiMoAudioPreTrainedModel(PreTrainedModel):
                     f"Original checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}"
                 )
         return (model, loading_info) if output_loading_info else model
-
-
-def _stored_generation_config(pretrained_model_name_or_path, hub_kwargs: dict) -> dict:
-    """The checkpoint's `generation_config.json` as stored (`{}` where there is none)."""
-    config_file = cached_file(
-        pretrained_model_name_or_path,
-        GENERATION_CONFIG_NAME,
-        _raise_exceptions_for_missing_entries=False,
-        **hub_kwargs,
-    )
-    if config_file is None:
-        return {}
-    with open(config_file) as file:
-        return json.load(file)
 
 
 def _is_original_checkpoint(pretrained_model_name_or_path, hub_kwargs: dict) -> bool:
@@ -683,8 +672,6 @@ class MiMoAudioForConditionalGeneration(MiMoAudioPreTrainedModel, MiMoAudioGener
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.patch_decoder = MiMoAudioPatchDecoder(config)
         self.post_init()
-        # `generate` returns the text and audio sequences (`MiMoAudioGenerateOutput`) unless told otherwise.
-        self.generation_config.return_dict_in_generate = True
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
