@@ -158,7 +158,6 @@ class _PatchDecoding:
         cache (`Cache`): reset before every patch; a `StaticCache` of `batch_size` x `patch_decoder_steps` positions,
             allocated up front, for compiled steps, else a `DynamicCache`.
         channels (`tuple[tuple[int, ...], ...]`): per step, the codebooks it produces.
-        position_ids (`tuple[torch.LongTensor, ...]`): per step, its position `(1, 1)`.
         attention_masks (`tuple`): per step, its row of the causal mask over a static cache, in the attention
             implementation's format (`None` with a dynamic cache, which holds only the steps a step attends to).
         position_embeddings (`tuple[tuple[torch.Tensor, torch.Tensor], ...]`): per step, the rotary `(cos, sin)`,
@@ -169,7 +168,6 @@ class _PatchDecoding:
 
     cache: Cache
     channels: tuple[tuple[int, ...], ...]
-    position_ids: tuple[torch.LongTensor, ...]
     attention_masks: tuple[torch.Tensor | None, ...]
     position_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     attn_implementation: str | None = None
@@ -525,7 +523,6 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         return _PatchDecoding(
             cache=cache,
             channels=channels,
-            position_ids=tuple(position_ids[:, step : step + 1] for step in range(steps)),
             attention_masks=masks,
             position_embeddings=tuple((cos[:, step : step + 1], sin[:, step : step + 1]) for step in range(steps)),
             attn_implementation=attn_implementation,
@@ -578,12 +575,8 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         decoding.cache.reset()
         inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
         for step, channels in enumerate(decoding.channels):
-            hidden = self.patch_decoder(
-                inputs_embeds=inputs_embeds,
-                cache=decoding.cache,
-                position_ids=decoding.position_ids[step],
-                attention_mask=decoding.attention_masks[step],
-                position_embeddings=decoding.position_embeddings[step],
+            hidden = self.patch_decoder.decode_step(
+                inputs_embeds, decoding.cache, decoding.attention_masks[step], decoding.position_embeddings[step]
             )[:, -1]
             for channel in channels:
                 logits = self.get_audio_logits(hidden, channel).float()

@@ -12,12 +12,14 @@ from transformers import AutoModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2Attention,
     Qwen2DecoderLayer,
     Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import (
@@ -277,11 +279,69 @@ class MiMoAudioPatchEncoderLayer(Qwen2DecoderLayer):
     """
 
 
+def _rms_norm(norm: Qwen2RMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`norm(hidden_states)` without the module call: the operations of `Qwen2RMSNorm.forward`."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * hidden_states.to(input_dtype)
+
+
 class MiMoAudioPatchDecoderLayer(Qwen2DecoderLayer):
     """
     A Qwen2 decoder layer of the patch decoder: a class of its own, so that output recording tells its outputs from
-    the backbone's and the patch encoder's.
+    the backbone's and the patch encoder's, and so that generation can run it through `decode_step`.
     """
+
+    def decode_step(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """
+        One generation step: the operations of `forward` (attention through the config's implementation, projections
+        through their modules, so adapters and quantized layers apply) without the per-call wrappers of the layer,
+        attention and norm modules, which cost as much as the arithmetic at the patch decoder's widths (16 % of an
+        eager batch-1 patch). No output recording, gradient checkpointing or dropout: generation only.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, 1, hidden_size)`): the step's input.
+            cache (`Cache`): the patch's key/value cache, updated in place.
+            attention_mask (`torch.Tensor`, *optional*): the step's mask row in the attention implementation's
+                format, or `None` where the cache holds exactly the positions the step attends to.
+            position_embeddings (`tuple(torch.Tensor, torch.Tensor)`): the step's rotary `(cos, sin)`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, 1, hidden_size)`.
+        """
+        attention = self.self_attn
+        normed = _rms_norm(self.input_layernorm, hidden_states)
+        hidden_shape = (*normed.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(hidden_shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(hidden_shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        key, value = cache.update(key, value, attention.layer_idx)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attention.config._attn_implementation, eager_attention_forward
+        )
+        attended, _ = attention_interface(
+            attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0,
+            scaling=attention.scaling,
+            sliding_window=attention.sliding_window,
+        )
+        hidden_states = hidden_states + attention.o_proj(attended.reshape(*normed.shape[:-1], -1))
+        normed = _rms_norm(self.post_attention_layernorm, hidden_states)
+        mlp = self.mlp
+        return hidden_states + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
 
 
 class MiMoAudioPatchEncoder(nn.Module):
@@ -430,6 +490,31 @@ class MiMoAudioPatchDecoder(nn.Module):
                 **kwargs,
             )
         return self.norm(hidden_states)
+
+    def decode_step(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """
+        One step of patch generation: `forward` for one position with everything prepared (see
+        `MiMoAudioPatchDecoderLayer.decode_step`), the same operations in the same order.
+
+        Args:
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, 1, patch_decoder_hidden_size)`): the step's input.
+            cache (`Cache`): the patch's key/value cache, updated in place.
+            attention_mask (`torch.Tensor`, *optional*): the step's mask row, as in `forward`.
+            position_embeddings (`tuple(torch.Tensor, torch.Tensor)`): the step's rotary `(cos, sin)`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, 1, patch_decoder_hidden_size)`: the output after the final norm.
+        """
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer.decode_step(hidden_states, cache, attention_mask, position_embeddings)
+        return _rms_norm(self.norm, hidden_states)
 
 
 @auto_docstring(
