@@ -470,17 +470,31 @@ def test_compiled_generation_equals_eager(models, golden):
     _, input_ids, audio_input_ids, attention_mask = left_padded_batch(model, tensors, LM_CASES["lm_a"][:2], pad)
     greedy = {"max_new_tokens": 8, "eos_token_id": stop_ids, "pad_token_id": pad}
     sampling = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 6, "eos_token_id": None}
-    for kwargs, seed in ((greedy, None), (sampling, 0)):
-        runs = []
-        for compile_steps in (False, True):
-            if seed is not None:
-                torch.manual_seed(seed)
-            runs.append(model.generate(input_ids, audio_input_ids, attention_mask, compile=compile_steps, **kwargs))
-        eager, compiled = runs
-        assert torch.equal(compiled.sequences, eager.sequences)
-        assert torch.equal(compiled.audio_sequences, eager.audio_sequences)
-        is_audio = eager.sequences[:, input_ids.shape[1] :] == model.config.empty_token_id
-        assert (is_audio.any(0) & ~is_audio.all(0)).any()  # a step where one sample chose audio, the other text
+    # The batch, and its second sample alone (steered to speech, so that it generates patches): at batch 1 the
+    # compiled one-row products are Inductor's own loops.
+    speech_bias = torch.zeros(model.config.text_config.vocab_size)
+    speech_bias[model.config.empty_token_id] = 10.0
+    batches = (
+        ((input_ids, audio_input_ids, attention_mask), {}),
+        (
+            (input_ids[1:], audio_input_ids[1:], attention_mask[1:]),
+            {"logits_processor": LogitsProcessorList([AddBias(speech_bias)])},
+        ),
+    )
+    for batch_inputs, steering in batches:
+        for kwargs, seed in ((greedy, None), (sampling, 0)):
+            runs = []
+            for compile_steps in (False, True):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                runs.append(model.generate(*batch_inputs, compile=compile_steps, **kwargs, **steering))
+            eager, compiled = runs
+            assert torch.equal(compiled.sequences, eager.sequences)
+            assert torch.equal(compiled.audio_sequences, eager.audio_sequences)
+            is_audio = eager.sequences[:, input_ids.shape[1] :] == model.config.empty_token_id
+            assert is_audio.any()
+            if len(is_audio) > 1:  # a step where one sample chose audio, the other text
+                assert (is_audio.any(0) & ~is_audio.all(0)).any()
     assert hasattr(model, "_compiled_generation_steps")
 
 
