@@ -163,7 +163,7 @@ class _PatchDecoding:
         position_embeddings (`tuple[tuple[torch.Tensor, torch.Tensor], ...]`): per step, the rotary `(cos, sin)`,
             each `(1, 1, head_dim)`.
         attn_implementation (`str`, *optional*): the attention implementation the patch decoder runs with while it
-            generates a patch (`patch_attention`), when it differs from its config's; the masks are in its format.
+            generates a patch (`_patch_attention`), when it differs from its config's; the masks are in its format.
     """
 
     cache: Cache
@@ -174,7 +174,7 @@ class _PatchDecoding:
 
 
 @contextmanager
-def patch_attention(decoder_config, attn_implementation: str | None):
+def _patch_attention(decoder_config, attn_implementation: str | None):
     """
     Runs the patch decoder with `attn_implementation` inside the block (its config's when `None`), then restores its
     config. See [`_PatchDecoding`].
@@ -792,7 +792,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
                 with (
                     torch.inference_mode(),
                     _guard_stance(patch_seen),
-                    patch_attention(config.patch_decoder_config, patch_decoding.attn_implementation),
+                    _patch_attention(config.patch_decoder_config, patch_decoding.attn_implementation),
                 ):
                     patch, failed, step_audio_logits, step_audio_scores = generate_audio_patch(
                         # the same strides after prefill and decode steps (one compiled variant)
