@@ -25,7 +25,7 @@ when no sample chose audio, and once for the stopping criteria (as Transformers'
 """
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
@@ -162,30 +162,15 @@ class _PatchDecoding:
             implementation's format (`None` with a dynamic cache, which holds only the steps a step attends to).
         position_embeddings (`tuple[tuple[torch.Tensor, torch.Tensor], ...]`): per step, the rotary `(cos, sin)`,
             each `(1, 1, head_dim)`.
-        attn_implementation (`str`, *optional*): the attention implementation the patch decoder runs with while it
-            generates a patch (`_patch_attention`), when it differs from its config's; the masks are in its format.
+        attn_implementation (`str`): the attention implementation the patch decoder runs with while it generates a
+            patch (its config's, or eager for a static patch on CPU); the masks are in its format.
     """
 
     cache: Cache
     channels: tuple[tuple[int, ...], ...]
     attention_masks: tuple[torch.Tensor | None, ...]
     position_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    attn_implementation: str | None = None
-
-
-@contextmanager
-def _patch_attention(decoder_config, attn_implementation: str | None):
-    """
-    Runs the patch decoder with `attn_implementation` inside the block (its config's when `None`), then restores its
-    config. See [`_PatchDecoding`].
-    """
-    previous = decoder_config._attn_implementation_internal
-    if attn_implementation is not None:
-        decoder_config._attn_implementation_internal = attn_implementation
-    try:
-        yield
-    finally:
-        decoder_config._attn_implementation_internal = previous
+    attn_implementation: str
 
 
 class MiMoAudioStreamer(BaseStreamer):
@@ -491,7 +476,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         position_ids = torch.arange(steps, device=device)[None]
         inputs_embeds = torch.zeros(batch_size, steps, decoder_config.hidden_size, dtype=dtype, device=device)
         cos, sin = self.patch_decoder.rotary_emb(inputs_embeds, position_ids)
-        attn_implementation = None
+        attn_implementation = decoder_config._attn_implementation
         if static:
             if decoder_config._attn_implementation == "sdpa" and device.type == "cpu":
                 attn_implementation = "eager"
@@ -576,7 +561,11 @@ class MiMoAudioGenerationMixin(GenerationMixin):
         inputs_embeds = self.get_patch_decoder_inputs(backbone_hidden_state[:, None])
         for step, channels in enumerate(decoding.channels):
             hidden = self.patch_decoder.decode_step(
-                inputs_embeds, decoding.cache, decoding.attention_masks[step], decoding.position_embeddings[step]
+                inputs_embeds,
+                decoding.cache,
+                decoding.attention_masks[step],
+                decoding.position_embeddings[step],
+                decoding.attn_implementation,
             )[:, -1]
             for channel in channels:
                 logits = self.get_audio_logits(hidden, channel).float()
@@ -789,11 +778,7 @@ class MiMoAudioGenerationMixin(GenerationMixin):
             is_audio = next_tokens == config.empty_token_id
             step_audio_logits = step_audio_scores = None
             if is_audio.any():
-                with (
-                    torch.inference_mode(),
-                    _guard_stance(patch_seen),
-                    _patch_attention(config.patch_decoder_config, patch_decoding.attn_implementation),
-                ):
+                with torch.inference_mode(), _guard_stance(patch_seen):
                     patch, failed, step_audio_logits, step_audio_scores = generate_audio_patch(
                         # the same strides after prefill and decode steps (one compiled variant)
                         outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format),

@@ -2,6 +2,7 @@
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
 
@@ -300,10 +301,11 @@ class MiMoAudioPatchDecoderLayer(Qwen2DecoderLayer):
         cache: Cache,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_function: Callable,
     ) -> torch.Tensor:
         """
-        One generation step: the operations of `forward` (attention through the config's implementation, projections
-        through their modules, so adapters and quantized layers apply) without the per-call wrappers of the layer,
+        One generation step: the operations of `forward` (projections through their modules, so adapters and
+        quantized layers apply) without the per-call wrappers of the layer,
         attention and norm modules, which cost as much as the arithmetic at the patch decoder's widths (16 % of an
         eager batch-1 patch). No output recording, gradient checkpointing or dropout: generation only.
 
@@ -313,6 +315,7 @@ class MiMoAudioPatchDecoderLayer(Qwen2DecoderLayer):
             attention_mask (`torch.Tensor`, *optional*): the step's mask row in the attention implementation's
                 format, or `None` where the cache holds exactly the positions the step attends to.
             position_embeddings (`tuple(torch.Tensor, torch.Tensor)`): the step's rotary `(cos, sin)`.
+            attention_function (`Callable`): an attention implementation of `ALL_ATTENTION_FUNCTIONS`.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, 1, hidden_size)`.
@@ -325,10 +328,7 @@ class MiMoAudioPatchDecoderLayer(Qwen2DecoderLayer):
         value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         key, value = cache.update(key, value, attention.layer_idx)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attention.config._attn_implementation, eager_attention_forward
-        )
-        attended, _ = attention_interface(
+        attended, _ = attention_function(
             attention,
             query,
             key,
@@ -497,6 +497,7 @@ class MiMoAudioPatchDecoder(nn.Module):
         cache: Cache,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attn_implementation: str,
     ) -> torch.Tensor:
         """
         One step of patch generation: `forward` for one position with everything prepared (see
@@ -507,13 +508,18 @@ class MiMoAudioPatchDecoder(nn.Module):
             cache (`Cache`): the patch's key/value cache, updated in place.
             attention_mask (`torch.Tensor`, *optional*): the step's mask row, as in `forward`.
             position_embeddings (`tuple(torch.Tensor, torch.Tensor)`): the step's rotary `(cos, sin)`.
+            attn_implementation (`str`): the attention implementation, the one `attention_mask` is made for (the
+                config's, or another one for the step, see `_prepare_patch_decoding`).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, 1, patch_decoder_hidden_size)`: the output after the final norm.
         """
+        attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer.decode_step(hidden_states, cache, attention_mask, position_embeddings)
+            hidden_states = layer.decode_step(
+                hidden_states, cache, attention_mask, position_embeddings, attention_function
+            )
         return _rms_norm(self.norm, hidden_states)
 
 
